@@ -1,0 +1,138 @@
+"""Import a precomputed outcome table (published model responses, your own traffic logs).
+
+Long format, one row per (query, tier) or per (query, tier, sample): ``query_id, text, tier,
+correct, cost`` and optional ``split``. CSV, JSONL or Parquet. Rows that cannot be used are
+reported with their line numbers and left out; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Params
+from pipelines.queries import SPLITS, Query, split_of
+from router.tiers import Tier
+
+REQUIRED = ("query_id", "text", "tier", "correct", "cost")
+
+
+def read_table(path: str | Path):
+    """Read CSV, JSONL or Parquet into a DataFrame with a 1-based ``_line`` column."""
+    import pandas as pd
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"outcome table not found: {p}")
+    suffix = "".join(p.suffixes[-2:]).lower() if p.suffix == ".gz" else p.suffix.lower()
+    if suffix in (".csv", ".csv.gz"):
+        df = pd.read_csv(p, dtype={"query_id": str, "text": str, "tier": str, "split": str}, keep_default_na=False,
+                         na_values={"correct": [""], "cost": [""]})
+        first_line = 2  # line 1 is the header
+    elif suffix in (".jsonl", ".json", ".jsonl.gz"):
+        df = pd.read_json(p, lines=True, dtype={"query_id": str, "tier": str})
+        first_line = 1
+    elif suffix == ".parquet":
+        df = pd.read_parquet(p)
+        first_line = 1
+    else:
+        raise ValueError(f"{p}: unsupported outcome table format {p.suffix!r}; use .csv, .jsonl or .parquet")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{p}: missing column(s) {missing}; an outcome table needs {list(REQUIRED)} (+ optional split)")
+    df = df.reset_index(drop=True)
+    df["_line"] = df.index + first_line
+    return df
+
+
+def _bad(line: int, reason: str, **extra) -> dict[str, Any]:
+    return {"line": int(line), "reason": reason, **extra}
+
+
+def validate_rows(df, declared: set[str] | None):
+    """Split rows into usable ones and a report of the rest (with line numbers)."""
+    import pandas as pd
+
+    bad, keep = [], []
+    for r in df.itertuples(index=False):
+        line = r._line
+        text = r.text if isinstance(r.text, str) else ("" if r.text is None or (isinstance(r.text, float) and math.isnan(r.text)) else str(r.text))
+        if not text.strip():
+            bad.append(_bad(line, "missing text", query_id=str(r.query_id)))
+            continue
+        if r.query_id is None or str(r.query_id).strip() in ("", "nan", "None"):
+            bad.append(_bad(line, "missing query_id"))
+            continue
+        tier = str(r.tier)
+        if declared is not None and tier not in declared:
+            bad.append(_bad(line, f"tier {tier!r} not declared in params", query_id=str(r.query_id)))
+            continue
+        try:
+            correct = float(r.correct)
+        except (TypeError, ValueError):
+            correct = float("nan")
+        if math.isnan(correct) or not 0.0 <= correct <= 1.0:
+            bad.append(_bad(line, f"correct must be in [0, 1], got {r.correct!r}", query_id=str(r.query_id)))
+            continue
+        try:
+            cost = float(r.cost)
+        except (TypeError, ValueError):
+            cost = float("nan")
+        if math.isnan(cost) or cost < 0:
+            bad.append(_bad(line, f"missing or negative cost {r.cost!r}", query_id=str(r.query_id)))
+            continue
+        split = getattr(r, "split", None)
+        split = str(split) if isinstance(split, str) and split in SPLITS else None
+        keep.append({"query_id": str(r.query_id), "text": text, "tier": tier, "correct": correct,
+                     "cost": cost, "split": split, "_line": line})
+    return pd.DataFrame(keep, columns=["query_id", "text", "tier", "correct", "cost", "split", "_line"]), bad
+
+
+def import_outcomes(path: str, params: Params):
+    """Outcome rows, tiers (cost-ordered), queries and the bad-row report from a table."""
+    import pandas as pd
+
+    from pipelines.label import OUTCOME_COLUMNS
+
+    declared_tiers = params.tier_list()
+    declared = {t.name for t in declared_tiers} or None
+    df, bad = validate_rows(read_table(path), declared)
+    if df.empty:
+        raise ValueError(f"{path}: no usable rows ({len(bad)} bad rows, first: {bad[:3]})")
+    agg = df.groupby(["query_id", "tier"], sort=True).agg(
+        p_correct=("correct", "mean"), cost=("cost", "mean"), text=("text", "first"), split=("split", "first"))
+    agg = agg.reset_index()
+    if declared_tiers:
+        tiers = declared_tiers
+    else:
+        # the table's own tiers; a table says nothing of budgets or models, so each tier is
+        # its own "model" at budget 0 with one sample, priced by the table's cost column
+        tiers = [Tier(name=t, model=t, budget=0, samples=1, cost_per_token=1.0) for t in sorted(agg["tier"].unique())]
+    names = [t.name for t in tiers]
+    # every query needs every tier, or policies cannot be compared on it
+    have = agg.groupby("query_id")["tier"].apply(set)
+    incomplete = have[have.apply(lambda s: not set(names) <= s)]
+    for qid, s in incomplete.items():
+        line = int(df.loc[df["query_id"] == qid, "_line"].min())
+        bad.append(_bad(line, f"query lacks tier(s) {sorted(set(names) - s)}", query_id=qid))
+    agg = agg[~agg["query_id"].isin(incomplete.index)]
+    if agg.empty:
+        raise ValueError(f"{path}: no query has every tier {names}")
+    fractions = tuple(params.data.split)
+    queries, split_by_id = [], {}
+    for qid, g in agg.groupby("query_id", sort=True):
+        given = g["split"].dropna()
+        split = given.iloc[0] if len(given) else split_of(qid, fractions)
+        split_by_id[qid] = split
+        queries.append(Query(qid, str(g["text"].iloc[0]), "", "exact", f"outcomes:{Path(path).name}", split, {}))
+    by_name = {t.name: t for t in tiers}
+    agg["split"] = agg["query_id"].map(split_by_id)
+    agg["model"] = agg["tier"].map(lambda n: by_name[n].model)
+    agg["budget"] = agg["tier"].map(lambda n: by_name[n].budget)
+    agg["samples"] = agg["tier"].map(lambda n: by_name[n].samples)
+    price = agg["tier"].map(lambda n: by_name[n].cost_per_token or 1.0)
+    agg["cost_tokens"] = agg["cost"] / price
+    agg["latency_tokens"] = agg["cost_tokens"]  # the table has no sequence lengths: assume serial
+    out = agg[list(OUTCOME_COLUMNS)].reset_index(drop=True)
+    return out, tiers, queries, sorted(bad, key=lambda b: b["line"])
