@@ -19,7 +19,7 @@ REQUIRED = ("query_id", "text", "tier", "correct", "cost")
 
 
 def read_table(path: str | Path):
-    """Read CSV, JSONL or Parquet into a DataFrame with a 1-based ``_line`` column."""
+    """Read CSV, JSONL or Parquet into a DataFrame with a 1-based ``source_line`` column."""
     import pandas as pd
 
     p = Path(path)
@@ -29,20 +29,20 @@ def read_table(path: str | Path):
     if suffix in (".csv", ".csv.gz"):
         df = pd.read_csv(p, dtype={"query_id": str, "text": str, "tier": str, "split": str}, keep_default_na=False,
                          na_values={"correct": [""], "cost": [""]})
-        first_line = 2  # line 1 is the header
+        firstsource_line = 2  # line 1 is the header
     elif suffix in (".jsonl", ".json", ".jsonl.gz"):
         df = pd.read_json(p, lines=True, dtype={"query_id": str, "tier": str})
-        first_line = 1
+        firstsource_line = 1
     elif suffix == ".parquet":
         df = pd.read_parquet(p)
-        first_line = 1
+        firstsource_line = 1
     else:
         raise ValueError(f"{p}: unsupported outcome table format {p.suffix!r}; use .csv, .jsonl or .parquet")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise ValueError(f"{p}: missing column(s) {missing}; an outcome table needs {list(REQUIRED)} (+ optional split)")
     df = df.reset_index(drop=True)
-    df["_line"] = df.index + first_line
+    df["source_line"] = df.index + firstsource_line
     return df
 
 
@@ -56,7 +56,7 @@ def validate_rows(df, declared: set[str] | None):
 
     bad, keep = [], []
     for r in df.itertuples(index=False):
-        line = r._line
+        line = r.source_line
         text = r.text if isinstance(r.text, str) else ("" if r.text is None or (isinstance(r.text, float) and math.isnan(r.text)) else str(r.text))
         if not text.strip():
             bad.append(_bad(line, "missing text", query_id=str(r.query_id)))
@@ -85,8 +85,8 @@ def validate_rows(df, declared: set[str] | None):
         split = getattr(r, "split", None)
         split = str(split) if isinstance(split, str) and split in SPLITS else None
         keep.append({"query_id": str(r.query_id), "text": text, "tier": tier, "correct": correct,
-                     "cost": cost, "split": split, "_line": line})
-    return pd.DataFrame(keep, columns=["query_id", "text", "tier", "correct", "cost", "split", "_line"]), bad
+                     "cost": cost, "split": split, "source_line": line})
+    return pd.DataFrame(keep, columns=["query_id", "text", "tier", "correct", "cost", "split", "source_line"]), bad
 
 
 def import_outcomes(path: str, params: Params):
@@ -114,7 +114,7 @@ def import_outcomes(path: str, params: Params):
     have = agg.groupby("query_id")["tier"].apply(set)
     incomplete = have[have.apply(lambda s: not set(names) <= s)]
     for qid, s in incomplete.items():
-        line = int(df.loc[df["query_id"] == qid, "_line"].min())
+        line = int(df.loc[df["query_id"] == qid, "source_line"].min())
         bad.append(_bad(line, f"query lacks tier(s) {sorted(set(names) - s)}", query_id=qid))
     agg = agg[~agg["query_id"].isin(incomplete.index)]
     if agg.empty:

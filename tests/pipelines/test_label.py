@@ -1,0 +1,81 @@
+"""Label stage: outcomes from rollout records (subset estimator, costs) and table import."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import parse_params
+from pipelines.estimators import majority_vote_accuracy
+from pipelines.label import add_query_labels, outcomes_from_records
+from pipelines.outcome_table import import_outcomes
+from router.tiers import Tier
+
+
+def records():
+    rows = []
+    # query a: 4 samples; at budget 8, answers 3,3,5,None (3 is right); at budget 0 all wrong
+    for s, (ans8, tok8, ans0) in enumerate([("3", 6, "1"), ("3", 8, "1"), ("5", 8, "2"), (None, 8, "1")]):
+        rows.append(dict(query_id="a", model="m", sample=s, budget=8, vote_key=ans8, correct=ans8 == "3", tokens=tok8))
+        rows.append(dict(query_id="a", model="m", sample=s, budget=0, vote_key=ans0, correct=False, tokens=2))
+    return pd.DataFrame(rows)
+
+
+def test_outcomes_from_records_match_estimators():
+    tiers = [Tier("m-b0-k1", "m", 0, 1, 2.0), Tier("m-b8-k1", "m", 8, 1, 2.0), Tier("m-b8-k3", "m", 8, 3, 2.0)]
+    out = outcomes_from_records(records(), tiers, {"a": "train"}).set_index("tier")
+    assert out.loc["m-b0-k1", "p_correct"] == 0.0
+    assert out.loc["m-b8-k1", "p_correct"] == 0.5
+    keys, correct = ["3", "3", "5", None], [True, True, False, False]
+    assert out.loc["m-b8-k3", "p_correct"] == pytest.approx(majority_vote_accuracy(keys, correct, 3))
+    assert out.loc["m-b8-k3", "cost_tokens"] == pytest.approx(3 * np.mean([6, 8, 8, 8]))
+    assert out.loc["m-b8-k3", "cost"] == pytest.approx(2.0 * out.loc["m-b8-k3", "cost_tokens"])
+    assert out.loc["m-b8-k3", "latency_tokens"] == 8.0  # every 3-subset contains an 8
+
+
+def test_query_labels_cheapest_tier_and_difficulty():
+    out = pd.DataFrame({
+        "query_id": ["a", "a", "b", "b", "c", "c"], "tier": ["t1", "t2"] * 3,
+        "p_correct": [0.9, 1.0, 0.1, 0.7, 0.0, 0.2], "cost": [1, 5] * 3,
+    })
+    lab = add_query_labels(out, threshold=0.5).drop_duplicates("query_id").set_index("query_id")
+    assert lab.loc["a", "cheapest_tier"] == "t1" and lab.loc["a", "difficulty"] == "easy"
+    assert lab.loc["b", "cheapest_tier"] == "t2" and lab.loc["b", "difficulty"] != "easy"
+    assert lab.loc["c", "cheapest_tier"] == "none" and lab.loc["c", "difficulty"] == "unsolved"
+
+
+def write_table(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def test_import_reports_bad_rows_with_line_numbers(tmp_path):
+    rows = []
+    for i in range(6):
+        for tier, cost in (("small", 10), ("big", 100)):
+            rows.append({"query_id": f"q{i}", "text": f"question {i}", "tier": tier, "correct": i % 2, "cost": cost})
+    rows[3]["correct"] = 1.5  # line 5
+    rows[4]["text"] = ""  # line 6
+    rows.append({"query_id": "q9", "text": "x", "tier": "huge", "correct": 1, "cost": ""})  # line 14
+    write_table(tmp_path / "t.csv", rows)
+    p = parse_params({})
+    out, tiers, queries, bad = import_outcomes(str(tmp_path / "t.csv"), p)
+    reasons = {b["line"]: b["reason"] for b in bad}
+    assert "correct" in reasons[5] and "text" in reasons[6] and "cost" in reasons[14]
+    # q1 lost its big row (line 5) and q2 its small row (line 6): both lack a tier now
+    assert {"q1", "q2"} == {b["query_id"] for b in bad if "lacks" in b["reason"]}
+    assert [t.name for t in tiers] == ["big", "small"] or {t.name for t in tiers} == {"big", "small"}
+    assert set(out["query_id"]) == {"q0", "q3", "q4", "q5"}
+    assert len(queries) == 4
+
+
+def test_import_with_declared_tiers_rejects_undeclared(tmp_path):
+    rows = [{"query_id": "q", "text": "t", "tier": "a", "correct": 1, "cost": 1},
+            {"query_id": "q", "text": "t", "tier": "zz", "correct": 0, "cost": 3}]
+    pd.DataFrame(rows).to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    p = parse_params({"models": {"a": {}}, "tiers": {"list": [{"name": "a", "model": "a", "budget": 0}]}})
+    out, tiers, queries, bad = import_outcomes(str(tmp_path / "t.jsonl"), p)
+    assert bad == [{"line": 2, "reason": "tier 'zz' not declared in params", "query_id": "q"}]
+    assert out["tier"].tolist() == ["a"]
