@@ -28,7 +28,7 @@ OUTCOME_COLUMNS = ("query_id", "split", "tier", "model", "budget", "samples", "p
 class LabelConfig:
     out: str = "data/outcomes.parquet"
     tiers_out: str = "data/tiers.json"  # the tier list the labels use, in cost order
-    queries_out: str = "data/label_queries.parquet"  # queries as labeled (import: from the table)
+
     report: str = "data/label_report.json"
     threshold: float = 0.5  # "solved by a tier" means p_correct >= threshold: a vote-worthy majority
 
@@ -107,7 +107,7 @@ def label(params: Params) -> dict[str, Any]:
     """Run the label stage; returns its report."""
     import pandas as pd
 
-    from pipelines.queries import read_queries, write_queries
+    from pipelines.queries import read_queries
     from pipelines.tracking import stage_run
 
     cfg = label_config(params)
@@ -130,14 +130,13 @@ def label(params: Params) -> dict[str, Any]:
             out = outcomes_from_records(df, tiers, split)
             bad = []
         out = add_query_labels(out, cfg.threshold)
-        for p in (cfg.out, cfg.tiers_out, cfg.queries_out, cfg.report):
+        for p in (cfg.out, cfg.tiers_out, cfg.report):
             Path(p).parent.mkdir(parents=True, exist_ok=True)
         out.to_parquet(cfg.out + ".tmp", index=False)
         Path(cfg.out + ".tmp").replace(cfg.out)
         tier_order = out.groupby("tier")["cost"].mean().sort_values().index.tolist()
         by_name = {t.name: t for t in tiers}
         Path(cfg.tiers_out).write_text(json.dumps([by_name[n].to_dict() for n in tier_order], indent=2) + "\n")
-        write_queries(queries, cfg.queries_out)
         mean_p = out.groupby("tier")["p_correct"].mean()
         report = {
             "queries": int(out["query_id"].nunique()),

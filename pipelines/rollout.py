@@ -263,6 +263,8 @@ def rollout(params: Params, *, backend_factory: Callable | None = None, progress
     from pipelines.tracking import stage_run
 
     t_start = time.perf_counter()
+    if params.data.outcomes:
+        return _skipped(params, "data.outcomes imports a precomputed outcome table; nothing to generate")
     factory = backend_factory or load_backend
     plans = plan_rollout(params)
     queries = sorted(read_queries(params.prepare.out), key=lambda q: q.query_id)
@@ -307,6 +309,19 @@ def rollout(params: Params, *, backend_factory: Callable | None = None, progress
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         run.log_metrics({"single_sample_accuracy": metrics["single_sample_accuracy"]})
         run.log_artifact(out)
+    return metrics
+
+
+def _skipped(params: Params, why: str) -> dict[str, Any]:
+    """Metrics of a rollout that had nothing to do (same keys, zero counts)."""
+    metrics = {"queries": 0, "samples": 0, "generated_tokens": 0, "naive_tokens": 0.0, "naive_over_generated": None,
+               "tokens_per_second": None, "generation_seconds": 0.0, "backend": None, "model": None,
+               "wall_seconds": 0.0, "single_sample_accuracy": {}, "skipped": why}
+    out = Path(params.rollout.metrics)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    Path(params.rollout.out).mkdir(parents=True, exist_ok=True)
+    log.info("rollout skipped: %s", why)
     return metrics
 
 

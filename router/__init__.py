@@ -1,10 +1,25 @@
 """difficulty-router runtime: pick the compute tier for each query.
 
 Importing this package is cheap: it pulls in nothing heavier than the standard library.
-NumPy, LightGBM and the featurizer backends are imported when a bundle is loaded.
+NumPy, LightGBM and the encoder are imported when a bundle is loaded.
+
+    from router import Router
+    r = Router.load("models/router")
+    r.route("What is 17 * 23?")          # -> Decision(tier=..., budget=..., samples=..., ...)
 """
 
+from router.bundle import BundleError
+from router.decision import Decision
 from router.tiers import Tier
 
-__all__ = ["Tier"]
+__all__ = ["Router", "Decision", "Tier", "BundleError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Router pulls in the policy and bundle code only when asked for
+    if name == "Router":
+        from router.runtime import Router
+
+        return Router
+    raise AttributeError(name)
