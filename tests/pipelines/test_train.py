@@ -1,0 +1,114 @@
+"""Train stage: an imported outcome table trains end to end; splits never share a query;
+the test split is never read; featurize embeds only new queries."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import parse_params
+
+
+def outcome_table(path, n=90, seed=0):
+    """Arithmetic-looking queries whose success on the cheap tier falls with number size."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 10 ** rng.randint(1, 3))
+        text = f"What is {a} + {b}?" if i % 2 else f"Compute {a} * {b} and then add {a}."
+        hard = b > 50
+        for tier, cost, p in (("direct", 5, 0.1 if hard else 0.9), ("think", 60, 0.5 if hard else 0.95),
+                              ("vote", 240, 0.8 if hard else 0.97)):
+            for s in range(2):
+                rows.append({"query_id": f"q{i:03d}", "text": text, "tier": tier,
+                             "correct": int(rng.random() < p), "cost": cost + rng.randint(0, 5)})
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def params_for(tmp, table, **extra):
+    raw = {
+        "seed": 0,
+        "data": {"outcomes": str(table), "split": [0.5, 0.25, 0.25]},
+        "prepare": {"out": str(tmp / "queries.parquet"), "report": str(tmp / "prepare.json")},
+        "rollout": {"out": str(tmp / "rollouts"), "metrics": str(tmp / "rollout.json")},
+        "label": {"out": str(tmp / "outcomes.parquet"), "tiers_out": str(tmp / "tiers.json"),
+                  "report": str(tmp / "label.json")},
+        "featurize": {"out": str(tmp / "features.parquet"), "embedding": "none"},
+        "train": {"out_dir": str(tmp / "train"), "metrics": str(tmp / "train.json"),
+                  "candidates": ["constant", "logreg", "lgbm_per_tier", "lgbm_joint"]},
+        **extra,
+    }
+    return parse_params(raw)
+
+
+def run_to_train(p):
+    from pipelines.featurize import featurize
+    from pipelines.label import label
+    from pipelines.prepare import prepare
+    from pipelines.rollout import rollout
+    from pipelines.train import train
+
+    prepare(p)
+    assert rollout(p)["skipped"]
+    label(p)
+    featurize(p)
+    return train(p)
+
+
+def test_imported_table_trains_and_reports_metrics(tmp_path):
+    outcome_table(tmp_path / "table.csv")
+    m = run_to_train(params_for(tmp_path, tmp_path / "table.csv"))
+    saved = json.loads((tmp_path / "train.json").read_text())
+    assert saved["chosen"] in ("constant", "logreg", "lgbm_per_tier", "lgbm_joint")
+    for name in ("constant", "logreg", "lgbm_per_tier", "lgbm_joint"):
+        for tier in ("direct", "think", "vote"):
+            row = saved["models"][name]["per_tier"][tier]
+            assert {"log_loss", "brier", "auc"} <= set(row)
+    assert set(saved["cost_models"]) == {"constant", "lgbm_joint"}
+    # the signal (number size) is in the lexical features: the chosen model must beat the base rate
+    assert m["val_brier"] < m["constant_val_brier"]
+    assert (tmp_path / "train" / "model.json").exists()
+    assert not list((tmp_path / "train").glob("*.pkl")) and not list((tmp_path / "train").glob("*.joblib"))
+
+
+def test_splits_disjoint_and_test_split_never_read(tmp_path):
+    from pipelines.train import train
+
+    outcome_table(tmp_path / "table.csv")
+    p = params_for(tmp_path, tmp_path / "table.csv")
+    first = run_to_train(p)
+    out = pd.read_parquet(tmp_path / "outcomes.parquet")
+    per_query = out.groupby("query_id")["split"].nunique()
+    assert (per_query == 1).all()
+    splits = {s: set(g["query_id"]) for s, g in out.groupby("split")}
+    assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"])
+    assert not (splits["val"] & splits["test"])
+    # poison every test row: if train read them, its models or metrics would change
+    out.loc[out["split"] == "test", "p_correct"] = np.nan
+    out.loc[out["split"] == "test", "cost"] = -1e9
+    out.to_parquet(tmp_path / "outcomes.parquet", index=False)
+    second = train(p)
+    assert second["val_brier"] == pytest.approx(first["val_brier"], abs=1e-12)
+    assert second["chosen"] == first["chosen"]
+
+
+def test_featurize_embeds_only_new_queries(tmp_path):
+    from pipelines.featurize import featurize, read_features
+    from pipelines.queries import Query, write_queries
+
+    qs = [Query.create(f"How many apples are in {i} baskets of 3?", str(3 * i), "gsm8k", "t") for i in range(25)]
+    p = parse_params({"prepare": {"out": str(tmp_path / "q.parquet")},
+                      "featurize": {"out": str(tmp_path / "f.parquet")}})
+    write_queries(qs, tmp_path / "q.parquet")
+    assert featurize(p)["embedded"] == 25
+    more = qs + [Query.create(f"What is {i} squared?", str(i * i), "gsm8k", "t") for i in range(10)]
+    write_queries(more, tmp_path / "q.parquet")
+    stats = featurize(p)
+    assert stats["embedded"] == 10 and stats["cached"] == 25
+    df, spec = read_features(tmp_path / "f.parquet")
+    assert len(df) == 35 and df.shape[1] == 1 + len(spec.feature_names())
+    assert featurize(p)["embedded"] == 0
