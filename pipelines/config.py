@@ -107,6 +107,13 @@ class RolloutConfig:
     )
     shard_size: int = 8  # queries per atomic shard: what a crash can cost at most
     executor: str = "local"  # local | ray
+    # ray executor only (pipelines/ray_executor.py):
+    ray_address: str | None = None  # None = start a local Ray instance; "auto" or "host:6379" joins a cluster
+    ray_workers: int | None = None  # actors, one backend each; None = as many as the cluster's CPUs/GPUs hold
+    # llama.cpp decodes with this many threads per actor: more threads than reserved cores
+    # spin-wait and run ~20x slower (measured on 2 busy cores), so threads follow the reservation
+    ray_cpus_per_worker: float = 1.0
+    ray_gpus_per_worker: float | None = None  # None = 1 for vllm (one engine per GPU), 0 otherwise
     max_queries: int | None = None  # roll out only the first N queries (by query_id), for trials
 
 

@@ -3,7 +3,7 @@
 # pyproject.toml and constraints.txt does nothing).
 #
 #   bash scripts/setup.sh          # the pipeline: llama.cpp, the CPU model, training, MLflow, DVC
-#   bash scripts/setup.sh --dev    # the pipeline plus the test tools
+#   bash scripts/setup.sh --dev    # the pipeline plus the test tools and Ray (its tests run in CI)
 #   bash scripts/setup.sh --runtime DIR   # only the embeddable router (base install) into DIR
 #
 # torch is installed first and pinned to its CPU build: left to itself, pip resolves
@@ -19,7 +19,7 @@ TORCH_VERSION=2.13.0
 RUNTIME_ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dev) EXTRAS="pipeline,dev" ;;
+    --dev) EXTRAS="pipeline,dev,ray" ;;
     --runtime) RUNTIME_ONLY=1; VENV="${2:?--runtime needs a folder}"; shift ;;
     *) echo "setup.sh: unknown option $1 (use --dev or --runtime DIR)" >&2; exit 2 ;;
   esac
