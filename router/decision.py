@@ -11,8 +11,8 @@ class Decision:
     budget: int  # max reasoning tokens per sample (0 = answer directly)
     samples: int  # completions to draw and vote over
     model: str
-    p_correct: float  # predicted probability the tier answers correctly
-    expected_cost: float  # predicted cost (tokens x price) of the tier on this query
+    p_correct: float | None  # predicted probability the tier answers correctly (None: not predicted)
+    expected_cost: float | None  # predicted cost (tokens x price) of the tier on this query
     reason: str  # "utility", or "fallback:<why>" (see README, "Fallbacks")
 
     def to_dict(self) -> dict:

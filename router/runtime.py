@@ -73,10 +73,19 @@ class Router:
                 raise BundleError(f"{path}: bundle has no ONNX encoder; export with export.onnx_encoder: true")
             kwargs = {"model_path": str(path / enc["onnx"]), "tokenizer_path": str(path / enc["tokenizer"])}
         featurizer = Featurizer(spec, encoder=name, encoder_kwargs=kwargs)
-        ood_ref = None
-        if manifest["policy"].get("ood_ref"):
-            ood_ref = np.load(path / manifest["policy"]["ood_ref"], allow_pickle=False)
-        return cls(path, manifest, success, cost, featurizer, ood_ref)
+        names = manifest.get("feature_names")
+        if names is not None and list(names) != spec.feature_names():
+            raise BundleError(f"{path / 'manifest.json'}: feature_names do not match the featurizer spec")
+        try:
+            ood_ref = None
+            if manifest["policy"].get("ood_ref"):
+                ood_ref = np.load(path / manifest["policy"]["ood_ref"], allow_pickle=False)
+            router = cls(path, manifest, success, cost, featurizer, ood_ref)
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            raise BundleError(f"{path / 'manifest.json'}: invalid policy or tiers ({type(e).__name__}: {e})") from e
+        # build the encoder now, so a missing dependency fails at load, not on the first query
+        featurizer.encoder  # noqa: B018
+        return router
 
     # ---------------------------------------------------------------- deciding
 
@@ -109,16 +118,28 @@ class Router:
 
     def _decision(self, i: int, p, c, reason: str) -> Decision:
         t = self.tiers[i]
-        pi = float(p[i]) if p is not None else float("nan")
-        ci = float(c[i]) if c is not None else float("nan")
+        pi = float(p[i]) if p is not None else None
+        ci = float(c[i]) if c is not None else None
         return Decision(t.name, t.budget, t.samples, t.model, pi, ci, reason)
+
+    def _empty_decision(self, caps: dict) -> Decision:
+        """Nothing to answer: the cheapest tier the caps allow (tiers are stored in cost order)."""
+        allowed = self.allowed(**{k: v for k, v in caps.items() if k != "max_cost"})
+        order = [self.cheapest_index] + [i for i in range(len(self.tiers)) if i != self.cheapest_index]
+        for i in order:
+            if allowed[i]:
+                return self._decision(i, None, None, "fallback:empty-query")
+        return self._decision(self.cheapest_index, None, None, "fallback:no-tier-within-caps")
 
     def predict(self, texts: Sequence[str]):
         """Per-tier predicted success and cost for each text: two (n, tiers) arrays."""
         import numpy as np
 
-        with self._lock:
+        if self.featurizer.encoder_name == "onnx":  # ONNX Runtime sessions are thread-safe
             X = self.featurizer.transform(list(texts))
+        else:
+            with self._lock:
+                X = self.featurizer.transform(list(texts))
         P = np.clip(self.success.predict(X), 0.0, 1.0)
         C = np.maximum(self.cost.predict(X), 0.0)
         return X, P, C
@@ -139,9 +160,10 @@ class Router:
         clean = [t.encode("utf-8", "replace").decode("utf-8").replace("\x00", " ") for t in clean]
         out: list[Decision | None] = [None] * len(clean)
         live = [i for i, t in enumerate(clean) if t.strip()]
+        live_set = set(live)
         for i in range(len(clean)):
-            if i not in live:
-                out[i] = self._decision(self.cheapest_index, None, None, "fallback:empty-query")
+            if i not in live_set:
+                out[i] = self._empty_decision(caps)
         if live:
             X, P, C = self.predict([clean[i] for i in live])
             ood = self._ood(X)

