@@ -217,4 +217,8 @@ def stage_args(description: str, argv=None) -> argparse.Namespace:
     """The command line every stage shares: ``--params FILE``."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    import os
+
+    os.environ["DR_PARAMS_FILE"] = args.params  # the stage's MLflow run logs this file
+    return args

@@ -80,7 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
     """``python -m pipelines.prepare [--params FILE]``."""
     args = stage_args("prepare: dataset sources -> queries table", argv)
     params = load_params(args.params)
-    report = prepare(params)
+    from dataclasses import asdict
+
+    from pipelines.tracking import stage_run
+
+    with stage_run(params.mlflow, "prepare", args.params) as run:
+        run.log_params({"data": asdict(params.data), "seed": params.seed})
+        report = prepare(params)
+        run.log_metrics({"queries": report["queries"], "dropped": report["dropped_count"],
+                         "by_split": report["by_split"]})
+        run.log_artifact(params.prepare.report)
     splits = ", ".join(f"{k} {v}" for k, v in report["by_split"].items()) or "none"
     print(f"prepare: {report['queries']} queries ({splits}) from {len(report['by_source'])} source(s); "
           f"dropped {report['dropped_count']}, capped {report['capped']} -> {params.prepare.out}")

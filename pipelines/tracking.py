@@ -116,6 +116,8 @@ def stage_run(config, stage: str, params_file: str | None = None) -> Iterator[_R
     with mlflow.start_run(**kwargs) as run:
         r = _Run(mlflow, run)
         r.set_tags({"stage": stage})
+        # every stage's run carries the params file it ran with (set by config.stage_args)
+        params_file = params_file or os.environ.get("DR_PARAMS_FILE")
         if params_file and Path(params_file).exists():
             r.log_artifact(params_file)
         yield r
