@@ -7,6 +7,7 @@ reported with their line numbers and left out; nothing is guessed.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 from pipelines.config import Params
 from pipelines.queries import SPLITS, Query, split_of
 from router.tiers import Tier
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("query_id", "text", "tier", "correct", "cost")
 
@@ -96,8 +99,15 @@ def import_outcomes(path: str, params: Params):
     from pipelines.label import OUTCOME_COLUMNS
 
     declared_tiers = params.tier_list()
+    table = read_table(path)
+    if declared_tiers and not {t.name for t in declared_tiers} & set(table["tier"].astype(str)):
+        # the grid in params describes rollouts (e.g. the CPU default), not this table: a table
+        # is only checked against declared tiers when it uses at least one of their names
+        log.warning("%s: none of the %d tiers declared in params appears in the table; using the "
+                    "table's own tiers", path, len(declared_tiers))
+        declared_tiers = []
     declared = {t.name for t in declared_tiers} or None
-    df, bad = validate_rows(read_table(path), declared)
+    df, bad = validate_rows(table, declared)
     if df.empty:
         raise ValueError(f"{path}: no usable rows ({len(bad)} bad rows, first: {bad[:3]})")
     agg = df.groupby(["query_id", "tier"], sort=True).agg(

@@ -322,6 +322,13 @@ def _skipped(params: Params, why: str) -> dict[str, Any]:
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     Path(params.rollout.out).mkdir(parents=True, exist_ok=True)
     log.info("rollout skipped: %s", why)
+    from pipelines.tracking import stage_run
+
+    with stage_run(params.mlflow, "rollout") as run:
+        run.set_tags({"skipped": why})
+        run.log_params({"outcomes_table": params.data.outcomes})
+        run.log_metrics({"queries": 0, "generated_tokens": 0})
+        run.log_artifact(out)
     return metrics
 
 

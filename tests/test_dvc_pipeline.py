@@ -1,0 +1,104 @@
+"""The real DVC pipeline on a small imported outcome table: every stage runs, MLflow has a run per
+stage with params, metrics and artifacts, a rerun does no work, and `python -m pipelines all`
+reproduces the DVC run's metrics without DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipelines.test_train import outcome_table
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare", "rollout", "label", "featurize", "train", "evaluate", "export")
+
+
+def dvc(*args, cwd: Path, env: dict) -> str:
+    exe = Path(sys.executable).with_name("dvc")
+    out = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    d = tmp_path_factory.mktemp("project")
+    for name in ("pipelines", "router"):
+        shutil.copytree(REPO / name, d / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", d / "dvc.yaml")
+    outcome_table(d / "table.csv", n=120)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["outcomes"] = "table.csv"
+    params["featurize"]["embedding"] = "none"  # lexical features keep this test fast
+    params["train"] = {**params.get("train", {}), "candidates": ["constant", "logreg", "lgbm_joint"]}
+    params["evaluate"]["bootstrap"] = 50
+    params["export"]["onnx_encoder"] = False
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": str(d), "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "init", "-q"], cwd=d, check=True)
+    dvc("init", "-q", cwd=d, env=env)
+    first = dvc("repro", cwd=d, env=env)
+    return d, env, first
+
+
+def test_every_stage_ran_and_metrics_show(project):
+    d, env, first = project
+    for s in STAGES:
+        assert f"Running stage '{s}'" in first, s
+    shown = dvc("metrics", "show", "--json", cwd=d, env=env)
+    for key in ("compute_saved_at_iso_accuracy", "apgr", "cpt50", "val_brier", "naive_tokens"):
+        assert key in shown, key
+    assert (d / "models" / "router" / "manifest.json").exists()
+
+
+def test_mlflow_has_a_run_per_stage_with_params_metrics_artifacts(project):
+    d, env, _ = project
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("difficulty-router")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags.get("stage"): r for r in runs}
+    assert set(STAGES) <= set(by_stage)
+    for s in ("prepare", "label", "featurize", "train", "evaluate", "export"):
+        r = by_stage[s]
+        assert r.data.params, s
+        assert r.data.metrics, s
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "params.yaml" in arts, (s, arts)
+    assert by_stage["train"].data.metrics["val_brier"] >= 0
+    del mlflow
+
+
+def test_rerun_with_unchanged_inputs_does_no_work(project):
+    d, env, _ = project
+    again = dvc("repro", cwd=d, env=env)
+    assert "Running stage" not in again
+
+
+def test_pipelines_all_reproduces_the_dvc_metrics(project, tmp_path):
+    d, env, _ = project
+    before = {f: json.loads((d / "metrics" / f).read_text()) for f in ("train.json", "evaluate.json")}
+    work = tmp_path / "nodvc"
+    shutil.copytree(d, work, ignore=shutil.ignore_patterns(".dvc", ".git", "data", "models", "metrics", "plots",
+                                                           "mlflow.db", "mlartifacts"))
+    env2 = {**env, "PYTHONPATH": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    out = subprocess.run([sys.executable, "-m", "pipelines", "all", "--params", "params.yaml"], cwd=work, env=env2,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = {f: json.loads((work / "metrics" / f).read_text()) for f in ("train.json", "evaluate.json")}
+    for key in ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "apgr", "lambda"):
+        assert after["evaluate.json"][key] == pytest.approx(before["evaluate.json"][key], abs=1e-9), key
+    assert after["train.json"]["chosen"] == before["train.json"]["chosen"]
+    assert after["train.json"]["val_brier"] == pytest.approx(before["train.json"]["val_brier"], abs=1e-12)
