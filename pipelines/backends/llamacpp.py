@@ -211,6 +211,10 @@ class LlamaCppBackend(Backend):
         self._model = self._ctx = self._batch = None
         self._samplers: dict[int, object] = {}  # live samplers by address, freed on close
         self._closed = False
+        # ggml's OpenMP barriers spin by default; on a shared machine 2 spinning threads were
+        # 3-10x slower than 1 (measured), PASSIVE brought that back to ~1.2x. Must be set before
+        # the OpenMP runtime loads; a user's own setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import llama_cpp  # lazily: the pipeline's other stages must not need it
             from llama_cpp import _logger as llama_logger

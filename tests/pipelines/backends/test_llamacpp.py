@@ -224,10 +224,11 @@ def test_generate_draws_the_same_samples_as_one_pass(smol, smol_results):
 @pytest.mark.slow
 def test_more_samples_than_parallel_sequences_and_zero_budget_only(smol):
     # 20 samples > n_parallel=16: split into groups, each decoding the prompt once
-    res = smol.one_pass([request(0, n=20, budgets=(0, 2))], SamplingConfig())[0]
+    res = smol.one_pass([request(0, n=20, budgets=(0, 2), answer_tokens=3)], SamplingConfig())[0]
     assert [s.index for s in res.samples] == list(range(20))
     assert all(s.n_tokens <= 2 and sorted(s.forced) == budgets_to_force(s, (0, 2)) for s in res.samples)
-    direct = smol.one_pass([request(1, n=2, budgets=(0,))], SamplingConfig())[0]
+    assert all(f.n_tokens <= 3 for s in res.samples for f in s.forced.values())
+    direct = smol.one_pass([request(1, n=2, budgets=(0,), answer_tokens=3)], SamplingConfig())[0]
     assert all(s.n_tokens == 0 and not s.finished and list(s.forced) == [0] for s in direct.samples)
 
 
