@@ -17,6 +17,7 @@ from pipelines.backends.base import (  # noqa: F401  (re-exported: the interface
 BACKENDS = {
     "llamacpp": "pipelines.backends.llamacpp:LlamaCppBackend",
     "vllm": "pipelines.backends.vllm:VllmBackend",
+    "openai": "pipelines.backends.openai_http:OpenAIBackend",
 }
 
 
