@@ -61,8 +61,10 @@ class VllmOptions:
     a model's options survive switching ``backend: llamacpp`` to ``backend: vllm``.
     """
 
-    # "auto" = the checkpoint's dtype (float32 for converted GGUFs). bfloat16 is vLLM's usual
-    # choice and faster where the CPU has bf16 units; float32 gives bit-stable greedy decoding
+    # "auto": vLLM's choice (bfloat16 on CPU too), except on a CPU without bf16 units (no
+    # AVX512-BF16/AMX, e.g. AVX2-only EPYC here) where it means float32: emulated bf16 ran
+    # SmolLM2 several times slower than float32 there (measured, bench/backends_side_by_side.py).
+    # float32 also gives bit-stable greedy decoding
     dtype: str = "auto"
     # longest prompt + completion (+ suffix + answer) one sequence may reach; the engine refuses
     # to start unless the KV cache holds at least one such sequence
@@ -133,6 +135,14 @@ def _cpu_list(n: int | None) -> str:
     return ",".join(map(str, cpus))
 
 
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def _kept(tokenizer, ids: list[int], text: str) -> int:
     """How many of ``ids`` contribute characters to ``text`` (a prefix of their decoding).
 
@@ -181,8 +191,12 @@ class VllmBackend(Backend):
             ) from e
         self._vllm = vllm
         on_cpu = current_platform.is_cpu()
+        dtype = opts.dtype
+        if dtype == "auto" and on_cpu and not _cpu_has_bf16():
+            dtype = "float32"
+        self.dtype = dtype
         kwargs = dict(
-            model=self.checkpoint, tokenizer=self.checkpoint, dtype=opts.dtype, max_model_len=opts.max_model_len,
+            model=self.checkpoint, tokenizer=self.checkpoint, dtype=dtype, max_model_len=opts.max_model_len,
             enforce_eager=opts.enforce_eager, enable_prefix_caching=opts.enable_prefix_caching,
             tensor_parallel_size=opts.tensor_parallel_size, seed=opts.seed,
             gpu_memory_utilization=opts.gpu_memory_utilization, max_num_seqs=opts.n_parallel,
@@ -222,7 +236,7 @@ class VllmBackend(Backend):
         cfg = cfg.get("text_config", cfg)
         heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        dtype = self.options.dtype if self.options.dtype != "auto" else str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+        dtype = self.dtype if self.dtype != "auto" else "bfloat16"  # vLLM's auto serves bf16 weights in bf16
         width = 4 if "32" in dtype else 2
         return int(tokens) * 2 * int(cfg["num_hidden_layers"]) * int(heads) * int(head_dim) * width
 
