@@ -75,6 +75,7 @@ def export(params: Params) -> dict[str, Any]:
     from pipelines.tracking import stage_run
     from pipelines.train import load_dataset, load_model, train_config
     from router.bundle import write_manifest
+    from router.featurizer import MINILM_STATIC
 
     cfg, tcfg, ecfg, pcfg = export_config(params), train_config(params), evaluate_config(params), policy_config(params)
     lcfg, fcfg = label_config(params), featurize_config(params)
@@ -108,7 +109,17 @@ def export(params: Params) -> dict[str, Any]:
         np.save(tmp / "ood_ref.npy", ref.astype(np.float16).astype(np.float32), allow_pickle=False)
         policy.update(ood_ref="ood_ref.npy", ood_min_similarity=thr)
     encoder = None
-    if cfg.onnx_encoder and meta["featurizer"].get("embedding") != "none":
+    embedding = meta["featurizer"].get("embedding")
+    if embedding == MINILM_STATIC:  # the table is the encoder: no ONNX graph needed
+        from pipelines.static_distill import static_files
+        from router.static_encoder import TABLE_FILE, TOKENIZER_FILE
+
+        files = static_files()
+        (tmp / "encoder").mkdir()
+        shutil.copyfile(files["table"], tmp / "encoder" / TABLE_FILE)
+        shutil.copyfile(files["tokenizer"], tmp / "encoder" / TOKENIZER_FILE)
+        encoder = {"static": f"encoder/{TABLE_FILE}", "tokenizer": f"encoder/{TOKENIZER_FILE}"}
+    elif cfg.onnx_encoder and embedding != "none":
         from pipelines.onnx_export import export_minilm_onnx
 
         encoder = export_minilm_onnx(tmp / "encoder")

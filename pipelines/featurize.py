@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FeaturizeConfig:
     out: str = "data/features.parquet"
-    embedding: str = "all-MiniLM-L6-v2"  # or "none" for lexical features only
+    # all-MiniLM-L6-v2 (contextual) | all-MiniLM-L6-v2-static (distilled, sub-ms, torch-free
+    # at serving time) | none (lexical features only)
+    embedding: str = "all-MiniLM-L6-v2"
     lexical: bool = True
     max_chars: int = 2000
-    encoder: str = "sentence-transformers"  # the pipeline's encoder; "onnx" is the torch-free one
+    encoder: str | None = None  # null: the embedding's pipeline encoder (sentence-transformers or static)
     batch_size: int = 64
 
 
@@ -39,6 +41,20 @@ def spec_of(cfg: FeaturizeConfig):
     from router.featurizer import FeaturizerSpec
 
     return FeaturizerSpec(embedding=cfg.embedding, lexical=cfg.lexical, max_chars=cfg.max_chars)
+
+
+def make_featurizer(cfg: FeaturizeConfig, spec=None):
+    """The pipeline's featurizer for ``cfg`` (distills the static table on first use)."""
+    from router.featurizer import MINILM_STATIC, Featurizer
+
+    spec = spec or spec_of(cfg)
+    kwargs: dict[str, Any] = {"batch_size": cfg.batch_size}
+    if spec.embedding == MINILM_STATIC:
+        from pipelines.static_distill import static_files
+
+        files = static_files()
+        kwargs.update(table_path=files["table"], tokenizer_path=files["tokenizer"])
+    return Featurizer(spec, encoder=cfg.encoder, encoder_kwargs=kwargs)
 
 
 def read_features(path: str | Path):
@@ -88,7 +104,7 @@ def featurize(params: Params, *, featurizer=None) -> dict[str, Any]:
             log.info("featurizer spec changed; recomputing every query's features")
     have = set(cached["query_id"]) if cached is not None else set()
     todo = [q for q in queries if q.query_id not in have]
-    fz = featurizer or Featurizer(spec, encoder=cfg.encoder, encoder_kwargs={"batch_size": cfg.batch_size})
+    fz = featurizer or make_featurizer(cfg, spec)
     t0 = time.perf_counter()
     with stage_run(params.mlflow, "featurize") as run:
         run.log_params({"featurize": asdict(cfg), "featurizer_spec": spec.to_dict()})

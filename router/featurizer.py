@@ -5,6 +5,11 @@ A query's features are cheap lexical counts followed by a sentence embedding of 
 Two encoders compute the same embedding: ``sentence-transformers`` (torch; the pipeline's)
 and ``onnx`` (ONNX Runtime + ``tokenizers``; torch-free, for small deployments). The
 encoder is chosen at load time; the feature definition is fixed by the spec.
+
+A third embedding, ``all-MiniLM-L6-v2-static`` (``router.static_encoder``: MiniLM distilled
+into one vector per word piece), is a different feature definition, not a third encoder of
+the same one: it trades some of MiniLM's context for sub-millisecond featurization with only
+numpy and ``tokenizers``, and a router serving it is trained on it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _QUESTION_WORDS = ("how many", "how much", "what", "total", "each", "left", "remain", "more than", "less than",
                    "times", "percent", "average", "difference", "sum", "product")
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_STATIC = "all-MiniLM-L6-v2-static"
+# embedding -> the encoders that compute it (the first is the pipeline's)
+EMBEDDINGS = {
+    MINILM: ("sentence-transformers", "onnx"),
+    MINILM_STATIC: ("static",),
+    "none": (),
+}
 
 LEXICAL_NAMES = (
     "log_chars", "log_words", "log_digits", "numbers", "log_max_number", "operators", "plus", "minus",
@@ -66,7 +80,7 @@ def lexical_features(text: str) -> list[float]:
 class FeaturizerSpec:
     """What the features are. Stored in the bundle manifest; the runtime refuses a mismatch."""
 
-    embedding: str = "all-MiniLM-L6-v2"  # "all-MiniLM-L6-v2" or "none" (lexical only)
+    embedding: str = "all-MiniLM-L6-v2"  # one of EMBEDDINGS
     dim: int = 384  # embedding width of MiniLM-L6
     lexical: bool = True
     # Longer inputs are cut before featurization: MiniLM reads at most 256 word pieces anyway,
@@ -74,6 +88,10 @@ class FeaturizerSpec:
     max_chars: int = 2000
     max_tokens: int = 256  # MiniLM's max_seq_length
     schema: int = FEATURIZER_SCHEMA
+
+    def __post_init__(self):
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {list(EMBEDDINGS)}")
 
     def feature_names(self) -> list[str]:
         names = list(LEXICAL_NAMES) if self.lexical else []
@@ -129,15 +147,21 @@ class SentenceTransformerEncoder:
 ENCODERS = {
     "sentence-transformers": "router.featurizer:SentenceTransformerEncoder",
     "onnx": "router.onnx_encoder:OnnxEncoder",
+    "static": "router.static_encoder:StaticEncoder",
 }
 
 
 class Featurizer:
     """Texts to feature rows: ``[lexical..., embedding...]`` as float32."""
 
-    def __init__(self, spec: FeaturizerSpec | None = None, encoder: str = "sentence-transformers",
+    def __init__(self, spec: FeaturizerSpec | None = None, encoder: str | None = None,
                  encoder_kwargs: dict | None = None):
         self.spec = spec or FeaturizerSpec()
+        allowed = EMBEDDINGS[self.spec.embedding]
+        if encoder is None:  # the embedding's own (pipeline) encoder
+            encoder = allowed[0] if allowed else None
+        elif allowed and encoder not in allowed:
+            raise ValueError(f"embedding {self.spec.embedding!r} is computed by {list(allowed)}, not {encoder!r}")
         self.encoder_name = encoder
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self._encoder = None

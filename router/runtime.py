@@ -47,10 +47,11 @@ class Router:
     @classmethod
     def load(cls, path: str | Path, encoder: str = "auto", verify: bool = True) -> "Router":
         """Load and verify a bundle. ``encoder``: "auto" (ONNX if the bundle carries it and
-        onnxruntime is installed, else sentence-transformers), "onnx" or "sentence-transformers"."""
+        onnxruntime is installed, else sentence-transformers; the static table for a bundle
+        trained on static embeddings), "onnx", "sentence-transformers" or "static"."""
         import numpy as np
 
-        from router.featurizer import Featurizer, FeaturizerSpec
+        from router.featurizer import MINILM_STATIC, Featurizer, FeaturizerSpec
         from router.models import load_predictor
 
         path = Path(path)
@@ -65,13 +66,25 @@ class Router:
             raise BundleError(f"{path / 'manifest.json'}: cannot build models ({type(e).__name__}: {e})") from e
         enc = manifest.get("encoder") or {}
         name = encoder
-        if encoder == "auto":
+        if spec.embedding == MINILM_STATIC:
+            if encoder not in ("auto", "static"):
+                raise BundleError(f"{path}: the bundle's embedding {spec.embedding} is computed by the static "
+                                  f"encoder only, not {encoder!r}")
+            if not enc.get("static"):
+                raise BundleError(f"{path / 'manifest.json'}: static embedding but no encoder.static table")
+            name = "static"
+        elif encoder == "static":
+            raise BundleError(f"{path}: the static encoder computes {MINILM_STATIC} embeddings; this bundle "
+                              f"was trained on {spec.embedding}")
+        elif encoder == "auto":
             name = "onnx" if enc.get("onnx") and _has("onnxruntime") else "sentence-transformers"
         kwargs = {}
         if name == "onnx":
             if not enc.get("onnx"):
                 raise BundleError(f"{path}: bundle has no ONNX encoder; export with export.onnx_encoder: true")
             kwargs = {"model_path": str(path / enc["onnx"]), "tokenizer_path": str(path / enc["tokenizer"])}
+        elif name == "static":
+            kwargs = {"table_path": str(path / enc["static"]), "tokenizer_path": str(path / enc["tokenizer"])}
         featurizer = Featurizer(spec, encoder=name, encoder_kwargs=kwargs)
         names = manifest.get("feature_names")
         if names is not None and list(names) != spec.feature_names():
@@ -135,7 +148,7 @@ class Router:
         """Per-tier predicted success and cost for each text: two (n, tiers) arrays."""
         import numpy as np
 
-        if self.featurizer.encoder_name == "onnx":  # ONNX Runtime sessions are thread-safe
+        if self.featurizer.encoder_name in ("onnx", "static"):  # ONNX Runtime sessions are thread-safe
             X = self.featurizer.transform(list(texts))
         else:
             with self._lock:

@@ -52,9 +52,11 @@ class LlamaCppOptions:
     # together once n sequence ids are free (n > n_parallel is split into groups, each
     # decoding the prompt once)
     n_parallel: int = 32
-    # None = os.cpu_count(). On a machine shared with other busy processes use fewer: llama.cpp's
-    # OpenMP barriers spin, and 2 threads on 2 contended cores ran 3-10x slower than 1 thread
-    # (measured; OMP_WAIT_POLICY=PASSIVE in the environment before import also avoids it)
+    # None = os.cpu_count(). Measured on 2 idle cores (bench/llamacpp_bare.py, 32 sequences):
+    # 2 threads 121 tok/s, 1 thread 65-72. On a machine shared with other busy processes use
+    # fewer threads, or OMP_WAIT_POLICY=PASSIVE: ggml's OpenMP barriers spin, and 2 threads on
+    # 2 contended cores ran 3-10x slower than 1. PASSIVE is not the default because it costs
+    # 1.8x on idle cores (2 threads: 67 vs 121 tok/s batched, 22 vs 57 single stream)
     n_threads: int | None = None
     n_batch: int = 512  # max tokens per llama_decode (prompt chunks + one token per sequence)
     # False: one KV stream of n_ctx / n_parallel cells per sequence, so attention scans only a
@@ -205,10 +207,6 @@ class LlamaCppBackend(Backend):
         self._model = self._ctx = self._batch = None
         self._samplers: dict[int, object] = {}  # live samplers by address, freed on close
         self._closed = False
-        # ggml's OpenMP barriers spin by default; on a shared machine 2 spinning threads were
-        # 3-10x slower than 1 (measured), PASSIVE brought that back to ~1.2x. Must be set before
-        # the OpenMP runtime loads; a user's own setting wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             import llama_cpp  # lazily: the pipeline's other stages must not need it
             from llama_cpp import _logger as llama_logger

@@ -112,3 +112,28 @@ def test_featurize_embeds_only_new_queries(tmp_path):
     df, spec = read_features(tmp_path / "f.parquet")
     assert len(df) == 35 and df.shape[1] == 1 + len(spec.feature_names())
     assert featurize(p)["embedded"] == 0
+
+
+def test_featurize_with_the_static_embedding_recomputes_and_matches_the_runtime_encoder(tmp_path, monkeypatch):
+    import pipelines.static_distill as sd
+    from pipelines.featurize import featurize, read_features
+    from pipelines.queries import Query, write_queries
+    from router.featurizer import MINILM_STATIC
+    from router.static_encoder import StaticEncoder
+
+    qs = [Query.create(f"How many legs do {i} spiders have?", str(8 * i), "gsm8k", "t") for i in range(12)]
+    write_queries(qs, tmp_path / "q.parquet")
+    base = {"prepare": {"out": str(tmp_path / "q.parquet")}, "featurize": {"out": str(tmp_path / "f.parquet")}}
+    featurize(parse_params(base))
+    files = sd.static_files()  # distilled once per machine: the cache is reused from here on
+    monkeypatch.setattr(sd, "distill_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-distilled")))
+    p = parse_params({**base, "featurize": {**base["featurize"], "embedding": MINILM_STATIC}})
+    assert featurize(p)["embedded"] == 12  # another spec: the contextual cache is not reused
+    df, spec = read_features(tmp_path / "f.parquet")
+    assert spec.embedding == MINILM_STATIC
+    emb = df[[c for c in df.columns if c.startswith("emb_")]].to_numpy()
+    want = StaticEncoder(files["table"], files["tokenizer"]).encode([q.text for q in qs])
+    assert np.array_equal(emb.astype(np.float32), want)
+    with pytest.raises(Exception, match="computed by"):
+        featurize(parse_params({**base, "featurize": {**base["featurize"], "embedding": MINILM_STATIC,
+                                                      "encoder": "onnx"}}))

@@ -91,8 +91,10 @@ def synthetic_outcomes(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, n
 
 
 def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, seed: int = 0,
-                 featurizer=None) -> BuiltBundle:
-    """Build the bundle in ``tmp_dir/router`` and return it with its training-side objects."""
+                 featurizer=None, static: bool = False) -> BuiltBundle:
+    """Build the bundle in ``tmp_dir/router`` and return it with its training-side objects.
+
+    ``static``: trained and served on the distilled static embedding (no ONNX graph)."""
     from pipelines.export import ood_reference, versions
     from pipelines.train import Dataset, TrainConfig, fit_cost, fit_success
     from router.bundle import write_manifest
@@ -102,8 +104,17 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
 
     texts, digits = synthetic_queries(n_queries, seed)
     Y, Cost = synthetic_outcomes(digits, seed)
-    spec = FeaturizerSpec()
-    fz = featurizer or Featurizer(spec, encoder="sentence-transformers")
+    static_kwargs = {}
+    if static:
+        from pipelines.static_distill import static_files
+        from router.featurizer import MINILM_STATIC
+
+        files = static_files()
+        static_kwargs = {"table_path": files["table"], "tokenizer_path": files["tokenizer"]}
+        spec = FeaturizerSpec(embedding=MINILM_STATIC)
+    else:
+        spec = FeaturizerSpec()
+    fz = featurizer or Featurizer(spec, encoder_kwargs=static_kwargs)
     X = fz.transform(texts).astype(np.float64)
     split = np.asarray(["train", "train", "train", "val", "test"] * (n_queries // 5 + 1))[:n_queries]
     tiers = [{"name": n, "model": m, "budget": b, "samples": k, "cost_per_token": p}
@@ -139,7 +150,12 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     np.save(out / "ood_ref.npy", ref.astype(np.float16).astype(np.float32), allow_pickle=False)
     policy.update(ood_ref="ood_ref.npy", ood_min_similarity=thr)
     encoder = None
-    if onnx:
+    if static:
+        (out / "encoder").mkdir()
+        shutil.copyfile(static_kwargs["table_path"], out / "encoder" / "static.npy")
+        shutil.copyfile(static_kwargs["tokenizer_path"], out / "encoder" / "tokenizer.json")
+        encoder = {"static": "encoder/static.npy", "tokenizer": "encoder/tokenizer.json"}
+    elif onnx:
         from pipelines.onnx_export import export_minilm_onnx
 
         # the parity check inside the export is what test_runtime measures more thoroughly
@@ -164,19 +180,20 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     return BuiltBundle(out, texts, split, X, Y, Cost, success, cost, fz, manifest)
 
 
-def make_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True) -> Path:
+def make_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, static: bool = False) -> Path:
     """Write a realistic bundle into ``tmp_dir`` and return its path."""
-    return build_bundle(tmp_dir, n_queries=n_queries, onnx=onnx).path
+    return build_bundle(tmp_dir, n_queries=n_queries, onnx=onnx, static=static).path
 
 
 _SESSION: dict[tuple, BuiltBundle] = {}
 
 
-def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True) -> BuiltBundle:
+def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True, static: bool = False) -> BuiltBundle:
     """One bundle per test session (pytest's ``tmp_path_factory``), shared by every test file."""
-    key = (n_queries, onnx)
+    key = (n_queries, onnx, static)
     if key not in _SESSION:
-        _SESSION[key] = build_bundle(tmp_path_factory.mktemp("bundle"), n_queries=n_queries, onnx=onnx)
+        _SESSION[key] = build_bundle(tmp_path_factory.mktemp("bundle"), n_queries=n_queries, onnx=onnx,
+                                     static=static)
     return _SESSION[key]
 
 
