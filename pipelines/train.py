@@ -290,7 +290,11 @@ def train(params: Params) -> dict[str, Any]:
         Cp_va = cost_model.predict(ds.X[va])
 
         scores, models = {}, {}
+        has_embedding = any(f.startswith("emb_") for f in ds.feature_names)
         for name in cfg.candidates:
+            if name == "knn" and not has_embedding:  # documented: knn needs an embedding to measure
+                log.warning("skipping candidate knn: featurize.embedding is none")
+                continue
             m = fit_success(name, ds, tr, cfg)
             P = np.clip(m.predict(ds.X[va]), 0.0, 1.0)
             s = prob_scores(P, ds.Y[va])

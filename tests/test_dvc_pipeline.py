@@ -102,3 +102,33 @@ def test_pipelines_all_reproduces_the_dvc_metrics(project, tmp_path):
         assert after["evaluate.json"][key] == pytest.approx(before["evaluate.json"][key], abs=1e-9), key
     assert after["train.json"]["chosen"] == before["train.json"]["chosen"]
     assert after["train.json"]["val_brier"] == pytest.approx(before["train.json"]["val_brier"], abs=1e-12)
+
+
+def test_experiments_run_side_by_side_and_diff(project, tmp_path):
+    """`dvc exp run -S` sweeps a parameter; `dvc exp show` lists the runs side by side, `dvc
+    metrics diff` compares the experiment with the committed run, and MLflow has both."""
+    d, env, _ = project
+    work = Path(shutil.copytree(d, tmp_path / "exp", symlinks=True))
+    env2 = {**env, "PYTHONPATH": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    subprocess.run(["git", "add", "-A"], cwd=work, env=env2, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=work, env=env2, check=True, capture_output=True)
+    base = json.loads((work / "metrics" / "evaluate.json").read_text())
+    # a cost target far below the baseline's operating point moves the router to cheap tiers
+    target = round(0.5 * base["router_mean_cost"], 3)
+    dvc("exp", "run", "-n", "cheap", "-S", "policy.target=cost", "-S", f"policy.target_value={target}",
+        cwd=work, env=env2)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=work, env=env2))
+    text = json.dumps(shown)
+    assert '"cheap"' in text and "router_mean_cost" in text
+    diff = json.loads(dvc("metrics", "diff", "--json", cwd=work, env=env2))
+    changed = {k for f in diff.values() for k in f}
+    assert "router_mean_cost" in changed
+    after = json.loads((work / "metrics" / "evaluate.json").read_text())
+    assert after["router_mean_cost"] <= target * 1.5 < base["router_mean_cost"] * 1.5
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env2["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("difficulty-router")
+    evals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "evaluate"]
+    assert len(evals) >= 2
+    assert {r.data.params.get("policy.target") for r in evals} == {"best_fixed_accuracy", "cost"}
