@@ -111,9 +111,15 @@ class RolloutWorker:
         from pipelines.backends import load_backend
 
         config = plan.config
-        if config.backend == "llamacpp" and "n_threads" not in config.options:
+        if config.backend == "llamacpp" and config.options.get("n_threads") is None:
             # os.cpu_count() is the node's cores, not this actor's share of them
             config = replace(config, options={**config.options, "n_threads": max(1, int(cpus))})
+        if config.backend == "vllm":
+            # the engine in this process, not vLLM's default engine-core + worker processes per
+            # LLM: the actor is what Ray reserves, restarts and kills, and on a CPU node its
+            # threads follow the reservation (Ray sets OMP_NUM_THREADS) where vLLM's own binding
+            # pinned every actor's engine to the same first core. Set on the cluster to override
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.plan, self.params = plan, params
         self.backend = load_backend(plan.model, config)
 

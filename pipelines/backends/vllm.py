@@ -288,6 +288,25 @@ class VllmBackend(Backend):
         except Exception as e:
             raise RolloutError(f"vLLM generate failed: {e}") from e
 
+    def _sample(self, prompts: list[list[int]], ns: list[int], params_of) -> list[list]:
+        """Per prompt, its ``n`` CompletionOutputs in sample order; ``params_of(j, n)`` builds
+        prompt j's SamplingParams. vLLM refuses n > 1 with greedy decoding (temperature 0), so a
+        greedy prompt goes as n requests of one sample: the same completions, and prefix caching
+        still decodes its prompt once."""
+        flat_prompts, flat_params, owner = [], [], []
+        for j, (p, n) in enumerate(zip(prompts, ns)):
+            params = params_of(j, 1)  # SamplingParams itself raises on n > 1 when greedy
+            copies = n if params.temperature == 0 else 1
+            if n > 1 and copies == 1:
+                params = params_of(j, n)
+            flat_prompts += [p] * copies
+            flat_params += [params] * copies
+            owner += [j] * copies
+        res: list[list] = [[] for _ in prompts]
+        for j, out in zip(owner, self._generate(flat_prompts, flat_params)):
+            res[j].extend(sorted(out.outputs, key=lambda c: c.index))
+        return res
+
     def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
         """Roll out every request at all its budgets; results are in request order."""
         self._check_open()
@@ -321,14 +340,11 @@ class VllmBackend(Backend):
 
         # 1. n samples per request at its largest budget, in one call
         todo = [i for i, r in enumerate(requests) if r.max_tokens > 0]
-        outs = self._generate([prompts[i] for i in todo], [
-            self._params(n=requests[i].n, max_tokens=requests[i].max_tokens, temperature=sampling.temperature,
-                         top_p=sampling.top_p, top_k=sampling.top_k, seed=requests[i].seed, stop=stops)
-            for i in todo
-        ])
+        outs = self._sample([prompts[i] for i in todo], [requests[i].n for i in todo], lambda j, n: self._params(
+            n=n, max_tokens=requests[todo[j]].max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, seed=requests[todo[j]].seed, stop=stops))
         done: dict[int, list[tuple[str, list[int], bool]]] = {}
-        for i, out in zip(todo, outs):
-            comps = sorted(out.outputs, key=lambda c: c.index)
+        for i, comps in zip(todo, outs):
             if len(comps) != requests[i].n:
                 raise RolloutError(f"vLLM returned {len(comps)} samples for request {requests[i].key!r}, wanted {requests[i].n}")
             done[i] = [self._completion(c) for c in comps]
@@ -392,15 +408,15 @@ class VllmBackend(Backend):
         ids = self.tokenize(prompt, add_special=True)
         if len(ids) + max_tokens > self._max_len:
             raise RolloutError(f"generate: prompt {len(ids)} + max_tokens {max_tokens} exceeds max_model_len {self._max_len}")
-        (out,) = self._generate([ids], [self._params(
-            n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        (comps,) = self._sample([ids], [n], lambda _, k: self._params(
+            n=k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             stop=self._stops + tuple(s for s in stop if s),
-        )])
+        ))
         self.last_completion_tokens_ = {}
         res = []
-        for c in sorted(out.outputs, key=lambda c: c.index):
+        for i, c in enumerate(comps):
             text, kept, finished = self._completion(c)
-            self.last_completion_tokens_[("generate", c.index)] = kept
+            self.last_completion_tokens_[("generate", i)] = kept
             res.append((text, len(kept), finished))
         return res
 

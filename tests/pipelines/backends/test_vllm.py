@@ -192,6 +192,17 @@ def test_zero_budget_only_and_capacity_error(smol):
         smol.one_pass([request(0, budgets=(0, 4096))], SamplingConfig())
 
 
+def test_greedy_with_several_samples_gives_identical_samples(smol):
+    """vLLM itself refuses n > 1 at temperature 0; the backend sends n single requests."""
+    greedy = SamplingConfig(temperature=0.0, force_temperature=0.0)
+    (r,) = smol.one_pass([request(0, n=3, budgets=(0, 8, 16))], greedy)
+    assert len(r.samples) == 3
+    assert len({s.text for s in r.samples}) == 1 and len({s.n_tokens for s in r.samples}) == 1
+    assert len({tuple(sorted((b, f.text) for b, f in s.forced.items())) for s in r.samples}) == 1
+    texts = smol.generate(chatml(QUESTIONS[0]), n=2, max_tokens=16, seed=1, temperature=0.0)
+    assert texts[0] == texts[1] and texts[0][0] == r.samples[0].text[: len(texts[0][0])]
+
+
 # ---------------------------------------------------------------- the rollout stage, resumed
 
 
