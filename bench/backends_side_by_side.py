@@ -8,7 +8,7 @@ binds OpenMP threads process-wide), loading is timed apart from the rollout, and
 repeated; the JSON gives every repeat and the best. Needs the vLLM venv, which also has
 llama-cpp-python:
 
-    .venv-vllm/bin/python -m bench.backends_side_by_side [--threads 2] [--repeats 2] [--vllm-dtype bfloat16]
+    .venv-vllm/bin/python -m bench.backends_side_by_side [--threads 2] [--repeats 2] [--vllm-dtype auto]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--vllm-dtype", default="bfloat16", help="bfloat16 | float32 | auto")
+    ap.add_argument("--vllm-dtype", default="auto", help="auto (float32 without bf16 hardware) | bfloat16 | float32")
     ap.add_argument("--backends", default="llamacpp,vllm")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

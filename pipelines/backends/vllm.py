@@ -172,6 +172,8 @@ class VllmBackend(Backend):
         self._llm = None
         self._closed = False
         self.checkpoint = resolve_checkpoint(config.path)
+        if Path(self.checkpoint).is_dir():  # a local checkpoint: nothing to fetch from a hub
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # vLLM reports usage statistics to a remote server unless told not to
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
