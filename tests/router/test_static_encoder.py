@@ -60,7 +60,10 @@ def test_a_questions_static_embedding_finds_its_own_minilm_embedding(r_static, r
     from router.featurizer import SentenceTransformerEncoder
     from tests.conftest import GSM8K
 
-    qs = [json.loads(line)["question"] for line in (GSM8K / "test.jsonl").read_text().splitlines()[:100]]
+    found = [d / "test.jsonl" for d in (GSM8K, Path("/work/shared/data/gsm8k")) if (d / "test.jsonl").is_file()]
+    if not found:
+        pytest.skip("the shared GSM8K test file is not beside this checkout")
+    qs = [json.loads(line)["question"] for line in found[0].read_text().splitlines()[:100]]
     got = r_static.featurizer.encoder.encode(qs)
     want = SentenceTransformerEncoder().encode(qs)
     S = got @ want.T
