@@ -18,7 +18,6 @@ when a backend is built, and no MLflow run is opened, so a plan is safe on a bus
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import textwrap
@@ -27,11 +26,6 @@ from typing import Any
 
 from pipelines.config import ConfigError, Params
 from pipelines.rollout import ModelPlan, plan_rollout
-
-# options dataclass of each backend, by the name it has in pipelines.backends.BACKENDS; its
-# module is the registry's, so the two cannot point at different files
-OPTIONS_CLASSES = {"llamacpp": "LlamaCppOptions", "vllm": "VllmOptions", "openai": "OpenAIOptions"}
-
 
 def check_models(params: Params, plans: list[ModelPlan]) -> None:
     """Every planned model names a registered backend, a known template and valid options."""
@@ -58,12 +52,9 @@ def check_models(params: Params, plans: list[ModelPlan]) -> None:
 
 def options_class(backend: str):
     """The options dataclass of a registered backend (its module imports no engine at import)."""
-    from pipelines.backends import BACKENDS
+    from pipelines.backends import backend_class
 
-    if backend not in OPTIONS_CLASSES:
-        raise ConfigError(f"backend {backend!r} has no options class known to the plan; add it to OPTIONS_CLASSES")
-    module = BACKENDS[backend].partition(":")[0]
-    return getattr(importlib.import_module(module), OPTIONS_CLASSES[backend])
+    return backend_class(backend).options_type
 
 
 # ---- how many queries ------------------------------------------------------------------------

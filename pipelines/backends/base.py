@@ -79,6 +79,20 @@ class OnePassResult:
     prompt_tokens: int  # tokens of the rendered prompt (decoded once per query)
 
 
+def check_request(r: OnePassRequest) -> None:
+    """Refuse a malformed request before any engine work: the rules every backend shares."""
+    if r.n < 1 or not r.budgets:
+        raise ValueError(f"request {r.key!r}: needs n >= 1 and at least one budget")
+    if list(r.budgets) != sorted(set(r.budgets)) or r.budgets[0] < 0:
+        raise ValueError(f"request {r.key!r}: budgets must be unique, ascending and >= 0, got {r.budgets}")
+
+
+def check_generate_args(n: int, max_tokens: int) -> None:
+    """The arguments ``generate`` accepts, in every backend."""
+    if n < 1 or max_tokens < 0:
+        raise ValueError(f"generate: needs n >= 1 and max_tokens >= 0, got n={n}, max_tokens={max_tokens}")
+
+
 def budgets_to_force(sample: SampleResult, budgets: tuple[int, ...]) -> list[int]:
     """The budgets at which ``sample`` needs a forced answer."""
     return [b for b in budgets if sample.needs_forcing(b)]
@@ -93,6 +107,8 @@ class Backend(ABC):
 
     #: registry name, e.g. "llamacpp"
     name: str = "base"
+    #: the frozen dataclass ``ModelConfig.options`` is built into, with ``from_dict``
+    options_type: type | None = None
 
     def __init__(self, model_id: str):
         self.model_id = model_id

@@ -32,6 +32,8 @@ from pipelines.backends.base import (
     RolloutError,
     SampleResult,
     SamplingConfig,
+    check_generate_args,
+    check_request,
 )
 from pipelines.backends.model_files import resolve_model_path
 from pipelines.prompts import stop_strings
@@ -194,11 +196,12 @@ class LlamaCppBackend(Backend):
     """A GGUF model loaded into llama.cpp, sampling many sequences per decode call."""
 
     name = "llamacpp"
+    options_type = LlamaCppOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
         super().__init__(model_id)
         self.config = config
-        self.options = LlamaCppOptions.from_dict(getattr(config, "options", None))
+        self.options = self.options_type.from_dict(getattr(config, "options", None))
         self.template = getattr(config, "template", "raw")
         self.model_path = resolve_model_path(config.path)
         #: completion token ids of the last one_pass/generate call, by (key, sample index);
@@ -340,10 +343,7 @@ class LlamaCppBackend(Backend):
         self._check_open()
         jobs = []
         for r in requests:
-            if r.n < 1 or not r.budgets:
-                raise ValueError(f"request {r.key!r}: needs n >= 1 and at least one budget")
-            if list(r.budgets) != sorted(set(r.budgets)) or r.budgets[0] < 0:
-                raise ValueError(f"request {r.key!r}: budgets must be unique, ascending and >= 0, got {r.budgets}")
+            check_request(r)
             jobs.append(_Job(
                 r.key, self.tokenize(r.prompt, add_special=True, parse_special=True), r.n,
                 tuple(int(b) for b in r.budgets), int(r.seed), self.tokenize(r.force_suffix),
@@ -372,8 +372,7 @@ class LlamaCppBackend(Backend):
         executed at runtime draws the same samples the labels were computed from.
         """
         self._check_open()
-        if n < 1 or max_tokens < 0:
-            raise ValueError(f"generate: needs n >= 1 and max_tokens >= 0, got n={n}, max_tokens={max_tokens}")
+        check_generate_args(n, max_tokens)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, stop=tuple(stop))
         job = _Job("generate", self.tokenize(prompt, add_special=True, parse_special=True), n,
                    (int(max_tokens),), int(seed), [], [], 0, False)

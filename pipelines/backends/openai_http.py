@@ -50,6 +50,7 @@ from pipelines.backends.base import (
     RolloutError,
     SampleResult,
     SamplingConfig,
+    check_request,
 )
 from pipelines.backends.llamacpp import _mix_seed  # one forced-answer seed rule for all backends
 from pipelines.prompts import stop_strings
@@ -101,11 +102,12 @@ class OpenAIBackend(Backend):
     """A model served behind an OpenAI-compatible ``/completions`` endpoint."""
 
     name = "openai"
+    options_type = OpenAIOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
         super().__init__(model_id)
         self.config = config
-        self.options = OpenAIOptions.from_dict(getattr(config, "options", None))
+        self.options = self.options_type.from_dict(getattr(config, "options", None))
         self.template = getattr(config, "template", "raw")
         self.server_model = self.options.model or getattr(config, "path", None) or model_id
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY") or "none"
@@ -189,10 +191,7 @@ class OpenAIBackend(Backend):
     def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
         """Roll out every request at all its budgets; results are in request order."""
         for r in requests:
-            if r.n < 1 or not r.budgets:
-                raise ValueError(f"request {r.key!r}: needs n >= 1 and at least one budget")
-            if list(r.budgets) != sorted(set(r.budgets)) or r.budgets[0] < 0:
-                raise ValueError(f"request {r.key!r}: budgets must be unique, ascending and >= 0, got {r.budgets}")
+            check_request(r)
             if not r.prompt:
                 raise ValueError(f"request {r.key!r}: the prompt is empty")
         self._http()

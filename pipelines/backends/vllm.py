@@ -41,6 +41,8 @@ from pipelines.backends.base import (
     RolloutError,
     SampleResult,
     SamplingConfig,
+    check_generate_args,
+    check_request,
 )
 from pipelines.backends.llamacpp import _mix_seed  # one forced-answer seed rule for both backends
 from pipelines.prompts import stop_strings
@@ -161,11 +163,12 @@ class VllmBackend(Backend):
     """A model loaded into a vLLM engine; every ``one_pass`` is two batched ``generate`` calls."""
 
     name = "vllm"
+    options_type = VllmOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
         super().__init__(model_id)
         self.config = config
-        self.options = opts = VllmOptions.from_dict(getattr(config, "options", None))
+        self.options = opts = self.options_type.from_dict(getattr(config, "options", None))
         self.template = getattr(config, "template", "raw")
         #: completion token ids of the last one_pass/generate call, by (key, sample index)
         self.last_completion_tokens_: dict[tuple[str, int], list[int]] = {}
@@ -321,10 +324,7 @@ class VllmBackend(Backend):
 
         prompts = []
         for r in requests:
-            if r.n < 1 or not r.budgets:
-                raise ValueError(f"request {r.key!r}: needs n >= 1 and at least one budget")
-            if list(r.budgets) != sorted(set(r.budgets)) or r.budgets[0] < 0:
-                raise ValueError(f"request {r.key!r}: budgets must be unique, ascending and >= 0, got {r.budgets}")
+            check_request(r)
             p = self.tokenize(r.prompt, add_special=True)
             if not p:
                 raise ValueError(f"request {r.key!r}: the prompt is empty")
@@ -403,8 +403,7 @@ class VllmBackend(Backend):
         The same request ``one_pass`` makes for its samples, without forcing.
         """
         self._check_open()
-        if n < 1 or max_tokens < 0:
-            raise ValueError(f"generate: needs n >= 1 and max_tokens >= 0, got n={n}, max_tokens={max_tokens}")
+        check_generate_args(n, max_tokens)
         if max_tokens == 0:
             return [("", 0, False)] * n
         ids = self.tokenize(prompt, add_special=True)
