@@ -30,7 +30,7 @@ def _requests(n: int):
     from pipelines.config import RolloutConfig
     from pipelines.datasets import load_sources
     from pipelines.prompts import render_prompt
-    from pipelines.rollout import query_seed
+    from pipelines.rollout.work import query_seed
 
     r = RolloutConfig()
     queries, _ = load_sources([TASK], seed=0)
@@ -45,7 +45,7 @@ def worker(backend: str, threads: int, repeats: int, n: int, dtype: str) -> dict
     from pipelines.backends import load_backend
     from pipelines.backends.base import SamplingConfig
     from pipelines.config import ModelConfig
-    from pipelines.rollout import generated_tokens_of
+     
     from pipelines.verifiers import score
 
     queries, reqs = _requests(n)
@@ -62,7 +62,7 @@ def worker(backend: str, threads: int, repeats: int, n: int, dtype: str) -> dict
             t0 = time.perf_counter()
             results = b.one_pass(reqs, SamplingConfig())
             wall = time.perf_counter() - t0
-            gen = sum(generated_tokens_of(r) for r in results)
+            gen = sum(r.generated_tokens for r in results)
             forced = sum(f.n_tokens for r in results for s in r.samples for f in s.forced.values())
             runs.append({"generated_tokens": gen, "forced_answer_tokens": forced, "wall_seconds": round(wall, 2),
                          "tokens_per_second": round(gen / wall, 1)})
@@ -73,9 +73,7 @@ def worker(backend: str, threads: int, repeats: int, n: int, dtype: str) -> dict
         ok = []
         for q, r in zip(queries, results):
             for s in r.samples:
-                text = s.text if not s.needs_forcing(budget) else \
-                    ((reqs[0].direct_prefix if budget == 0 else reqs[0].force_suffix) + s.forced[budget].text)
-                ok.append(score(q, text)[1])
+                ok.append(score(q, s.at_budget(budget, reqs[0])[0])[1])
         acc[str(budget)] = round(sum(ok) / len(ok), 3)
     best = max(runs, key=lambda x: x["tokens_per_second"])
     return {"load_seconds": round(load_s, 1), "best_tokens_per_second": best["tokens_per_second"],
@@ -91,11 +89,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--vllm-dtype", default="auto", help="auto (float32 without bf16 hardware) | bfloat16 | float32")
     ap.add_argument("--backends", default="llamacpp,vllm")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", dest="write", action="store_false",
+                    help="print only; do not write bench/results/backends_side_by_side.json")
     args = ap.parse_args(argv)
     if args.worker:
         out = worker(args.worker, args.threads, args.repeats, args.n, args.vllm_dtype)
         print("RESULT " + json.dumps(out))
         return out
+    from bench.results_io import start, write_result
+
+    started = start()
     figures = {}
     for name in args.backends.split(","):
         cmd = [sys.executable, "-m", "bench.backends_side_by_side", "--worker", name, "--threads", str(args.threads),
@@ -115,6 +118,8 @@ def main(argv=None) -> dict:
         report["vllm_over_llamacpp"] = round(figures["vllm"]["best_tokens_per_second"]
                                              / figures["llamacpp"]["best_tokens_per_second"], 2)
     print(json.dumps(report, indent=2))
+    if args.write:
+        write_result("backends_side_by_side", report, started)
     return report
 
 

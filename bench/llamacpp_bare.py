@@ -195,9 +195,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternate bare and one_pass this many times and keep each one's best: "
                          "on a shared 2-core box other jobs make single runs noisy")
+    ap.add_argument("--no-write", dest="write", action="store_false",
+                    help="print only; do not write bench/results/llamacpp_bare.json")
     args = ap.parse_args(argv)
 
+    from bench.results_io import start, write_result
     from pipelines.backends.model_files import resolve_model_path
+
+    started = start()
     from pipelines.prompts import render_prompt
 
     prompts = [render_prompt("chatml", SYSTEM, q) for q in QUESTIONS]
@@ -223,9 +228,10 @@ def main(argv=None) -> dict:
             "bare": [r["tokens_per_second"] for r in bares],
             "one_pass": [r["tokens_per_second"] for r in backends],
         },
-        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(out, indent=2))
+    if args.write:
+        write_result("llamacpp_bare", out, started)
     return out
 
 

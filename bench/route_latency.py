@@ -4,9 +4,10 @@
 
 Without ``--bundle`` it builds the synthetic test bundle (``tests/router/bundle_fixture.py``)
 in a temporary folder; without ``--static-bundle``, the same synthetic bundle trained on the
-distilled static embedding (``featurize.embedding: all-MiniLM-L6-v2-static``). ``--queries`` is a text file (one query per line) or JSONL with a
-``question`` or ``text`` field (e.g. GSM8K's test.jsonl); the default is the bundle
-fixture's short arithmetic questions. Prints one JSON object:
+distilled static embedding (``featurize.embedding: all-MiniLM-L6-v2-static``). ``--queries`` is
+a text file (one query per line) or JSONL with a ``question`` or ``text`` field (e.g. GSM8K's
+test.jsonl); the default is the bundle fixture's short arithmetic questions. Prints one JSON
+object and writes it to ``bench/results/route_latency.json`` (``--no-write``: print only):
 
 - ``route_ms``: one query end to end (``Router.route``: featurize, predict, decide), p50/p99;
   ``featurize_ms`` / ``predict_ms`` / ``decide_ms`` split it up. The torch-free ONNX encoder
@@ -179,6 +180,8 @@ def main(argv=None) -> None:
                     help="bundle trained on static embeddings (default: build the synthetic one)")
     ap.add_argument("--queries", default=None, help="text file, one query per line, or JSONL with question/text")
     ap.add_argument("--n", type=int, default=300, help="timed single-query routes per encoder")
+    ap.add_argument("--no-write", dest="write", action="store_false",
+                    help="print only; do not write bench/results/route_latency.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cpus", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -197,6 +200,9 @@ def main(argv=None) -> None:
         if static_bundle is None:
             static_bundle = str(make_bundle(Path(tmp.name) / "static", static=True))
     try:
+        from bench.results_io import start, write_result
+
+        started = start()
         load0 = os.getloadavg()
         result = {
             "bundle": bundle,
@@ -218,6 +224,8 @@ def main(argv=None) -> None:
             "onnx_route_p50_under_5ms_one_core": on["route_ms"]["p50"] < 5.0,
         }
         print(json.dumps(result, indent=2))
+        if args.write:
+            print(f"wrote {write_result('route_latency', result, started)}", file=sys.stderr)
     finally:
         tmp.cleanup()
 

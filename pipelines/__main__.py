@@ -1,4 +1,4 @@
-"""``python -m pipelines all --params FILE``: run every stage in order without DVC.
+"""``python -m pipelines all --params FILE [--set KEY=VALUE ...]``: every stage in order, without DVC.
 
 Stage runs are nested under one MLflow pipeline run. ``python -m pipelines STAGE`` runs one.
 """
@@ -13,37 +13,29 @@ import sys
 from pipelines import STAGES
 
 
-def available_stages() -> list[str]:
-    """Stages whose module exists in this checkout (later issues add the rest)."""
-    out = []
-    for s in STAGES:
-        try:
-            importlib.import_module(f"pipelines.{s}")
-        except ModuleNotFoundError as e:
-            if e.name == f"pipelines.{s}":
-                continue
-            raise
-        out.append(s)
-    return out
-
-
 def main(argv=None) -> int:
-    stages = available_stages()
     ap = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
-    ap.add_argument("stage", choices=["all", *stages], help="a stage, or 'all' to run them in order")
+    ap.add_argument("stage", choices=["all", *STAGES], help="a stage, or 'all' to run them in order")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override one params key for every stage (value parsed as YAML; unknown keys fail)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipelines.config import load_params
+    from pipelines.config import ConfigError, load_params
     from pipelines.tracking import pipeline_run
 
-    params = load_params(args.params)
-    todo = stages if args.stage == "all" else [args.stage]
+    try:
+        params = load_params(args.params, args.overrides)  # fail on a bad key before any stage runs
+    except ConfigError as e:
+        print(f"error: {args.params}: {e}", file=sys.stderr)
+        return 2
+    todo = STAGES if args.stage == "all" else (args.stage,)
+    stage_argv = ["--params", args.params, *(f"--set={o}" for o in args.overrides)]
     with pipeline_run(params.mlflow, name="pipeline" if args.stage == "all" else args.stage):
         for s in todo:
             print(f"== {s}", flush=True)
-            importlib.import_module(f"pipelines.{s}").main(["--params", args.params])
+            importlib.import_module(f"pipelines.{s}").main(stage_argv)
     return 0
 
 

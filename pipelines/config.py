@@ -6,16 +6,24 @@ a typo in params never silently falls back to a default.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from router.tiers import Tier, tier_name
 
 DEFAULT_PARAMS = "params.yaml"
+CACHE_ENV = "DR_MODEL_CACHE"  # overrides the machine-wide cache of assembled models and tables
+DEFAULT_CACHE = Path("~/.cache/difficulty-router/models")
+
+
+def model_cache_dir() -> Path:
+    """Where assembled model files and distilled tables are cached (``$DR_MODEL_CACHE`` or the default)."""
+    import os
+
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 class ConfigError(ValueError):
@@ -55,6 +63,25 @@ class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # MLflow's own default since 3.7, made explicit
     experiment: str = "difficulty-router"
     enabled: bool = True
+
+
+# the keys each kind of `data.sources` entry takes (pipelines/datasets.py reads them); here so
+# the rollout planner can validate sources without importing the dataset loaders
+COMMON_KEYS = {"kind", "name", "limit"}
+SOURCE_KEYS = {
+    "reasoning_gym": COMMON_KEYS | {"tasks"},
+    "gsm8k": COMMON_KEYS | {"path"},
+    "math": COMMON_KEYS | {"path"},
+    "jsonl": COMMON_KEYS | {"path", "verifier"},
+    "hf": COMMON_KEYS | {"config", "split", "format", "data_files", "verifier"},
+}
+REQUIRED_KEYS = {
+    "reasoning_gym": {"tasks"},
+    "gsm8k": {"path"},
+    "math": {"path"},
+    "jsonl": {"path"},
+    "hf": {"name", "format"},
+}
 
 
 @dataclass(frozen=True)
@@ -107,7 +134,7 @@ class RolloutConfig:
     )
     shard_size: int = 8  # queries per atomic shard: what a crash can cost at most
     executor: str = "local"  # local | ray
-    # ray executor only (pipelines/ray_executor.py):
+    # ray executor only (pipelines/rollout/ray_executor.py):
     ray_address: str | None = None  # None = start a local Ray instance; "auto" or "host:6379" joins a cluster
     ray_workers: int | None = None  # actors, one backend each; None = as many as the cluster's CPUs/GPUs hold
     # llama.cpp decodes with this many threads per actor: more threads than reserved cores
@@ -118,7 +145,115 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class LabelConfig:
+    out: str = "data/outcomes.parquet"
+    tiers_out: str = "data/tiers.json"  # the tier list the labels use, in cost order
+    report: str = "data/label_report.json"
+    metrics: str = "metrics/label.json"  # the report's figures without the bad-row list (small, in git)
+    threshold: float = 0.5  # "solved by a tier" means p_correct >= threshold: a vote-worthy majority
+
+
+@dataclass(frozen=True)
+class FeaturizeConfig:
+    out: str = "data/features.parquet"
+    # all-MiniLM-L6-v2 (contextual) | all-MiniLM-L6-v2-static (distilled, sub-ms, torch-free
+    # at serving time) | none (lexical features only)
+    embedding: str = "all-MiniLM-L6-v2"
+    lexical: bool = True
+    max_chars: int = 2000
+    encoder: str | None = None  # null: the embedding's pipeline encoder (sentence-transformers or static)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        from router.featurizer import EMBEDDINGS
+
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding: unknown {self.embedding!r}; choose one of {list(EMBEDDINGS)}")
+        allowed = EMBEDDINGS[self.embedding]
+        if self.encoder is not None and self.encoder not in allowed:
+            raise ValueError(f"encoder: embedding {self.embedding!r} is computed by {list(allowed)}, "
+                             f"not {self.encoder!r}")
+
+    def spec(self):
+        """The feature definition these settings make (what the bundle records and checks)."""
+        from router.featurizer import FeaturizerSpec
+
+        return FeaturizerSpec(embedding=self.embedding, lexical=self.lexical, max_chars=self.max_chars)
+
+
+TRAIN_CANDIDATES = ("constant", "logreg", "knn", "lgbm_per_tier", "lgbm_joint")
+
+
+def _default_lgbm() -> dict:
+    # a few hundred queries and ~400 features: shallow trees, strong subsampling and L2
+    return {"num_leaves": 7, "learning_rate": 0.05, "n_estimators": 150, "min_data_in_leaf": 8,
+            "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "models/train"
+    metrics: str = "metrics/train.json"
+    candidates: tuple = TRAIN_CANDIDATES
+    select_by: str = "apgr"  # "apgr" (validation routing curve) or "brier"
+    calibrate: bool = True  # per-tier Platt scaling on validation, kept only if it helps out of fold
+    logreg_c: float = 0.1  # strong L2: a few hundred queries and ~400 features
+    knn_k: int = 15
+    lgbm: dict = field(default_factory=_default_lgbm)
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = set(self.candidates) - set(TRAIN_CANDIDATES)
+        if bad:
+            raise ValueError(f"candidates: unknown model(s) {sorted(bad)}; choose from {list(TRAIN_CANDIDATES)}")
+        if self.select_by not in ("apgr", "brier"):
+            raise ValueError(f"select_by must be 'apgr' or 'brier', got {self.select_by!r}")
+
+
+POLICY_TARGETS = ("best_fixed_accuracy", "accuracy", "cost")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How the exported operating point is chosen (on validation). ``lambda`` in params."""
+
+    lam: float | None = None  # a fixed lambda; if null, solve for the target below
+    target: str = "best_fixed_accuracy"  # best_fixed_accuracy | accuracy | cost
+    target_value: float | None = None  # for target accuracy / cost
+    # "match the best fixed tier" on a small validation split is noisy; aiming slightly above
+    # its accuracy keeps the test-time point from landing just below it
+    accuracy_margin: float = 0.0
+    ood_quantile: float = 0.01  # queries less similar to training than this quantile fall back
+
+    def __post_init__(self):
+        if self.target not in POLICY_TARGETS:
+            raise ValueError(f"target must be one of {list(POLICY_TARGETS)}, got {self.target!r}")
+        if self.target in ("accuracy", "cost") and self.lam is None and self.target_value is None:
+            raise ValueError(f"target {self.target} needs target_value")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    metrics: str = "metrics/evaluate.json"
+    plots_dir: str = "plots"
+    bootstrap: int = 500
+    calibration_bins: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out_dir: str = "models/router"
+    onnx_encoder: bool = True  # ship MiniLM as ONNX so the runtime needs no torch
+    registered_model: str = "difficulty-router"
+    alias: str = "champion"
+    register: bool = True
+
+
+@dataclass(frozen=True)
 class Params:
+    """The whole params file, every section typed. Stages read their own section from here."""
+
     seed: int = 0
     mlflow: MlflowConfig = MlflowConfig()
     data: DataConfig = DataConfig()
@@ -126,8 +261,12 @@ class Params:
     models: dict = field(default_factory=dict)  # name -> ModelConfig
     tiers: dict = field(default_factory=dict)  # {"grid": [GridBlock...]} or {"list": [Tier...]}
     rollout: RolloutConfig = RolloutConfig()
-    # sections of later stages are kept as raw mappings until their stage parses them
-    extra: dict = field(default_factory=dict)
+    label: LabelConfig = LabelConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()
+    train: TrainConfig = TrainConfig()
+    policy: PolicyConfig = PolicyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:
@@ -139,8 +278,15 @@ class Params:
         return expand_tiers(self.tiers, self.models)
 
 
-KNOWN_TOP = {"seed", "mlflow", "data", "prepare", "models", "tiers", "rollout"}
-LATER_STAGES = {"label", "featurize", "train", "evaluate", "export", "policy", "router"}
+# typed sections: the params key -> (field, dataclass)
+SECTIONS = {
+    "mlflow": MlflowConfig, "data": DataConfig, "prepare": PrepareConfig, "rollout": RolloutConfig,
+    "label": LabelConfig, "featurize": FeaturizeConfig, "train": TrainConfig, "policy": PolicyConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig,
+}
+TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
+# sections older params files may carry that no stage reads any more: refused with this advice
+RETIRED = {"router": "the `router` section was never read by any stage; delete it"}
 
 
 def expand_tiers(tiers: dict, models: dict) -> list[Tier]:
@@ -181,28 +327,28 @@ def parse_params(raw: dict) -> Params:
     """Validate a raw params mapping into :class:`Params`."""
     if not isinstance(raw, dict):
         raise ConfigError("params: expected a mapping at the top level")
-    unknown = set(raw) - KNOWN_TOP - LATER_STAGES
+    for key, advice in RETIRED.items():
+        if key in raw:
+            raise ConfigError(f"params: section {key!r}: {advice}")
+    unknown = set(raw) - set(TOP_KEYS)
     if unknown:
-        raise ConfigError(f"params: unknown section(s) {sorted(unknown)}; valid: {sorted(KNOWN_TOP | LATER_STAGES)}")
+        raise ConfigError(f"params: unknown section(s) {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
     models = {}
     for name, m in (raw.get("models") or {}).items():
         models[str(name)] = build(ModelConfig, m, f"models.{name}")
-    p = Params(
-        seed=int(raw.get("seed", 0)),
-        mlflow=build(MlflowConfig, raw.get("mlflow"), "mlflow"),
-        data=build(DataConfig, raw.get("data"), "data"),
-        prepare=build(PrepareConfig, raw.get("prepare"), "prepare"),
-        models=models,
-        tiers=dict(raw.get("tiers") or {}),
-        rollout=build(RolloutConfig, raw.get("rollout"), "rollout"),
-        extra={k: raw[k] for k in LATER_STAGES if k in raw},
-    )
+    sections = {}
+    for key, cls in SECTIONS.items():
+        data = raw.get(key)
+        if key == "policy" and isinstance(data, dict) and "lambda" in data:
+            data = {("lam" if k == "lambda" else k): v for k, v in data.items()}  # `lambda` is a keyword
+        sections[key] = build(cls, data, key)
+    p = Params(seed=int(raw.get("seed", 0)), models=models, tiers=dict(raw.get("tiers") or {}), **sections)
     p.tier_list()  # validate the grid now, not halfway through a stage
     return p
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate a params file."""
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Params:
+    """Read and validate a params file, with ``KEY=VALUE`` overrides applied first."""
     import yaml
 
     path = Path(path)
@@ -210,20 +356,88 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ConfigError(f"params file not found: {path}")
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
+    for item in overrides:
+        apply_override(raw, item)
     return parse_params(raw)
 
 
-def stage_args(description: str, argv=None, add_arguments=None) -> argparse.Namespace:
-    """The command line every stage shares: ``--params FILE``.
+# ---------------------------------------------------------------- --set KEY=VALUE
 
-    ``add_arguments(parser)``, if given, adds a stage's own options (rollout's ``--plan``).
+_FREE = object()  # below this point any key is valid (backend options, lgbm params, a source's keys)
+
+
+def _schema_of(cls, name: str):
+    """What a dataclass field holds, for walking an override path."""
+    hint = typing.get_type_hints(cls).get(name)
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if name in ("options", "lgbm", "config"):
+        return _FREE
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        return _FREE
+    return None  # a scalar: the path must end here
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set one dotted ``KEY=VALUE`` in a raw params mapping, like ``dvc exp run -S``.
+
+    Strict: every key on the path must be one the schema knows (a model must be declared, a
+    list index must exist), else a ConfigError lists the valid keys. The value is parsed as YAML.
     """
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    if add_arguments is not None:
-        add_arguments(ap)
-    args = ap.parse_args(argv)
-    import os
+    import yaml
 
-    os.environ["DR_PARAMS_FILE"] = args.params  # the stage's MLflow run logs this file
-    return args
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. data.max_queries=6")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({e})") from e
+    parts = key.strip().split(".")
+    node: Any = raw
+    schema: Any = Params
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+            part = int(part)
+            child_schema = schema
+        elif schema is Params and part == "models":
+            child_schema = "models"
+        elif schema == "models":
+            declared = sorted((node or {}).keys())
+            if part not in (node or {}):
+                raise ConfigError(f"--set {key}: unknown model {part!r}; declared: {declared}")
+            child_schema = ModelConfig
+        elif schema is Params and part == "tiers":
+            child_schema = "tiers"
+        elif schema == "tiers":
+            if part not in ("grid", "list"):
+                raise ConfigError(f"--set {key}: unknown key {part!r} under tiers; valid keys are ['grid', 'list']")
+            child_schema = GridBlock if part == "grid" else _FREE
+        elif schema is _FREE:
+            child_schema = _FREE
+        elif dataclasses.is_dataclass(schema):
+            names = [f.name for f in dataclasses.fields(schema)]
+            if schema is PolicyConfig:
+                names = ["lambda" if n == "lam" else n for n in names]
+            if part not in names:
+                raise ConfigError(f"--set {key}: unknown key {part!r} in {where.rpartition('.')[0] or 'params'}; "
+                                  f"valid keys are {sorted(names)}")
+            child_schema = _schema_of(schema, "lam" if part == "lambda" else part)
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+        if last:
+            node[part] = value
+            return
+        if isinstance(node, dict):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+        else:
+            nxt = node[part]
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"--set {key}: {where} is a value, not a section")
+        node, schema = nxt, child_schema

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from pipelines.config import ConfigError
+from pipelines.config import REQUIRED_KEYS, SOURCE_KEYS, ConfigError
 from pipelines.queries import SPLITS, Query, split_of
 from pipelines.verifiers import (
     VERIFIERS,
@@ -45,21 +45,6 @@ log = logging.getLogger(__name__)
 
 DROP_REASONS = ("missing answer", "empty text", "duplicate", "unparseable gold", "bad json")
 FORMATS = ("gsm8k", "math", "jsonl")
-COMMON_KEYS = {"kind", "name", "limit"}
-SOURCE_KEYS = {
-    "reasoning_gym": COMMON_KEYS | {"tasks"},
-    "gsm8k": COMMON_KEYS | {"path"},
-    "math": COMMON_KEYS | {"path"},
-    "jsonl": COMMON_KEYS | {"path", "verifier"},
-    "hf": COMMON_KEYS | {"config", "split", "format", "data_files", "verifier"},
-}
-REQUIRED_KEYS = {
-    "reasoning_gym": {"tasks"},
-    "gsm8k": {"path"},
-    "math": {"path"},
-    "jsonl": {"path"},
-    "hf": {"name", "format"},
-}
 RG_TASK_KEYS = {"name", "size", "config"}
 
 

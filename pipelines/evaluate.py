@@ -7,63 +7,23 @@ to test. Headline figures carry bootstrap 95% intervals over test queries.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.config import Params
+from pipelines import artifacts
+from pipelines.config import Params, PolicyConfig
+from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
+
+SECTIONS = ("label", "featurize", "train", "policy", "evaluate")
 
 HEADLINE = ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "accuracy_gain_at_iso_cost",
             "apgr", "cpt50", "cpt80", "aiq", "best_fixed_accuracy", "best_fixed_mean_cost", "oracle_accuracy",
             "oracle_mean_cost")
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """How the exported operating point is chosen (on validation)."""
-
-    lam: float | None = None  # a fixed lambda; if null, solve for the target below
-    target: str = "best_fixed_accuracy"  # best_fixed_accuracy | accuracy | cost
-    target_value: float | None = None  # for target accuracy / cost
-    # "match the best fixed tier" on a small validation split is noisy; aiming slightly above
-    # its accuracy keeps the test-time point from landing just below it
-    accuracy_margin: float = 0.0
-    ood_quantile: float = 0.01  # queries less similar to training than this quantile fall back
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    metrics: str = "metrics/evaluate.json"
-    plots_dir: str = "plots"
-    bootstrap: int = 500
-    calibration_bins: int = 10
-    seed: int = 0
-
-
-def policy_config(params: Params) -> PolicyConfig:
-    from pipelines.config import build
-
-    raw = dict(params.extra.get("policy") or {})
-    if "lambda" in raw:
-        raw["lam"] = raw.pop("lambda")
-    cfg = build(PolicyConfig, raw, "policy")
-    if cfg.target not in ("best_fixed_accuracy", "accuracy", "cost"):
-        from pipelines.config import ConfigError
-
-        raise ConfigError("policy.target must be best_fixed_accuracy, accuracy or cost")
-    return cfg
-
-
-def evaluate_config(params: Params) -> EvaluateConfig:
-    from pipelines.config import build
-
-    return build(EvaluateConfig, params.extra.get("evaluate"), "evaluate")
 
 
 def solve_operating_point(P, Cp, Y, Cost, cfg: PolicyConfig) -> tuple[float, dict[str, Any]]:
@@ -120,92 +80,83 @@ def bootstrap(choice, lam_index, Y, Cost, n: int, seed: int) -> dict[str, list[f
             for k, v in draws.items()}
 
 
-def evaluate(params: Params) -> dict[str, Any]:
+def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     import pandas as pd
 
-    from pipelines.featurize import featurize_config
-    from pipelines.label import label_config
     from pipelines.routing_metrics import fixed_tiers, headline, lambda_grid, oracle, realized, sweep, upper_hull
-    from pipelines.tracking import stage_run
-    from pipelines.train import load_dataset, load_model, train_config
-    from router.policy import choose_batch
 
-    pcfg, ecfg, tcfg = policy_config(params), evaluate_config(params), train_config(params)
-    lcfg, fcfg = label_config(params), featurize_config(params)
-    success, cost_model, meta = load_model(tcfg.out_dir)
-    val = load_dataset(lcfg.out, fcfg.out, lcfg.tiers_out, splits=("val",))
-    test = load_dataset(lcfg.out, fcfg.out, lcfg.tiers_out, splits=("test",))
+    pcfg, ecfg = params.policy, params.evaluate
+    success, cost_model, meta = artifacts.load_model(params.train.out_dir)
+    val = artifacts.load_dataset(params.label, params.featurize, splits=("val",))
+    test = artifacts.load_dataset(params.label, params.featurize, splits=("test",))
     names = [t["name"] for t in test.tiers]
     if [t["name"] for t in meta["tiers"]] != names:
         raise ValueError("the trained model's tiers differ from the labels' tiers; rerun train")
 
-    with stage_run(params.mlflow, "evaluate") as run:
-        run.log_params({"policy": asdict(pcfg), "evaluate": asdict(ecfg), "test_queries": len(test.query_ids)})
-        Pv, Cv = success.predict(val.X), cost_model.predict(val.X)
-        lam, how = solve_operating_point(Pv, Cv, val.Y, val.Cost, pcfg)
-        P, Cp = success.predict(test.X), cost_model.predict(test.X)
-        lams = np.unique(np.concatenate([lambda_grid(Cp, 80), [lam]]))
-        li = int(np.nonzero(lams == lam)[0][0])
-        choice = sweep(P, Cp, test.Y, test.Cost, lams)
-        acc, cost = realized(choice, test.Y, test.Cost)
-        h = headline(acc, cost, test.Y, test.Cost, point=(acc[li], cost[li]))
-        fa, fc = fixed_tiers(test.Y, test.Cost)
-        ece, brier, cal_rows = calibration(P, test.Y, ecfg.calibration_bins)
-        cis = bootstrap(choice, li, test.Y, test.Cost, ecfg.bootstrap, ecfg.seed)
-        mix = np.bincount(choice[li], minlength=len(names)) / len(test.query_ids)
-        metrics: dict[str, Any] = {
-            "router_accuracy": h["router_accuracy"],
-            "router_mean_cost": h["router_mean_cost"],
-            "best_fixed_tier": names[h["best_fixed_tier_index"]],
-            "best_fixed_accuracy": h["best_fixed_accuracy"],
-            "best_fixed_mean_cost": h["best_fixed_mean_cost"],
-            "compute_saved_at_iso_accuracy": h["compute_saved_at_iso_accuracy"],
-            "accuracy_gain_at_iso_cost": h["accuracy_gain_at_iso_cost"],
-            "apgr": h["apgr"], "cpt50": h["cpt50"], "cpt80": h["cpt80"], "aiq": h["aiq"],
-            "oracle_accuracy": h["oracle_accuracy"], "oracle_mean_cost": h["oracle_mean_cost"],
-            "ece": ece, "brier": brier,
-            # the exported point itself against the best fixed tier
-            "operating_point_cost_saved": float(1 - h["router_mean_cost"] / h["best_fixed_mean_cost"])
-            if h["best_fixed_mean_cost"] > 0 else None,
-            "operating_point_accuracy_delta": float(h["router_accuracy"] - h["best_fixed_accuracy"]),
-            "lambda": lam, "lambda_solved_by": how, "test_queries": len(test.query_ids),
-            "fixed_tiers": {n: {"accuracy": float(a), "mean_cost": float(c)} for n, a, c in zip(names, fa, fc)},
-            "tier_mix": {n: float(m) for n, m in zip(names, mix) if m > 0},
-        }
-        # paired interval of the operating point's savings and accuracy delta
-        rng = np.random.default_rng(ecfg.seed + 1)
-        best = h["best_fixed_tier_index"]
-        rr = np.arange(len(test.query_ids))
-        ch = choice[li]
-        sav, dacc = [], []
-        for _ in range(ecfg.bootstrap):
-            r = rng.integers(0, len(rr), len(rr))
-            bc = test.Cost[r, best].mean()
-            sav.append(1 - test.Cost[r, ch[r]].mean() / bc if bc > 0 else np.nan)
-            dacc.append(test.Y[r, ch[r]].mean() - test.Y[r, best].mean())
-        cis["operating_point_cost_saved"] = [float(np.nanpercentile(sav, 2.5)), float(np.nanpercentile(sav, 97.5))]
-        cis["operating_point_accuracy_delta"] = [float(np.percentile(dacc, 2.5)), float(np.percentile(dacc, 97.5))]
-        for k, v in cis.items():
-            metrics[f"{k}_ci"] = v
-        out = Path(ecfg.metrics)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
+    run.log_params({"test_queries": len(test.query_ids)})
+    Pv, Cv = success.predict(val.X), cost_model.predict(val.X)
+    lam, how = solve_operating_point(Pv, Cv, val.Y, val.Cost, pcfg)
+    P, Cp = success.predict(test.X), cost_model.predict(test.X)
+    lams = np.unique(np.concatenate([lambda_grid(Cp, 80), [lam]]))
+    li = int(np.nonzero(lams == lam)[0][0])
+    choice = sweep(P, Cp, test.Y, test.Cost, lams)
+    acc, cost = realized(choice, test.Y, test.Cost)
+    h = headline(acc, cost, test.Y, test.Cost, point=(acc[li], cost[li]))
+    fa, fc = fixed_tiers(test.Y, test.Cost)
+    ece, brier, cal_rows = calibration(P, test.Y, ecfg.calibration_bins)
+    cis = bootstrap(choice, li, test.Y, test.Cost, ecfg.bootstrap, ecfg.seed)
+    mix = np.bincount(choice[li], minlength=len(names)) / len(test.query_ids)
+    metrics: dict[str, Any] = {
+        "router_accuracy": h["router_accuracy"],
+        "router_mean_cost": h["router_mean_cost"],
+        "best_fixed_tier": names[h["best_fixed_tier_index"]],
+        "best_fixed_accuracy": h["best_fixed_accuracy"],
+        "best_fixed_mean_cost": h["best_fixed_mean_cost"],
+        "compute_saved_at_iso_accuracy": h["compute_saved_at_iso_accuracy"],
+        "accuracy_gain_at_iso_cost": h["accuracy_gain_at_iso_cost"],
+        "apgr": h["apgr"], "cpt50": h["cpt50"], "cpt80": h["cpt80"], "aiq": h["aiq"],
+        "oracle_accuracy": h["oracle_accuracy"], "oracle_mean_cost": h["oracle_mean_cost"],
+        "ece": ece, "brier": brier,
+        # the exported point itself against the best fixed tier
+        "operating_point_cost_saved": float(1 - h["router_mean_cost"] / h["best_fixed_mean_cost"])
+        if h["best_fixed_mean_cost"] > 0 else None,
+        "operating_point_accuracy_delta": float(h["router_accuracy"] - h["best_fixed_accuracy"]),
+        "lambda": lam, "lambda_solved_by": how, "test_queries": len(test.query_ids),
+        "fixed_tiers": {n: {"accuracy": float(a), "mean_cost": float(c)} for n, a, c in zip(names, fa, fc)},
+        "tier_mix": {n: float(m) for n, m in zip(names, mix) if m > 0},
+    }
+    # paired interval of the operating point's savings and accuracy delta
+    rng = np.random.default_rng(ecfg.seed + 1)
+    best = h["best_fixed_tier_index"]
+    rr = np.arange(len(test.query_ids))
+    ch = choice[li]
+    sav, dacc = [], []
+    for _ in range(ecfg.bootstrap):
+        r = rng.integers(0, len(rr), len(rr))
+        bc = test.Cost[r, best].mean()
+        sav.append(1 - test.Cost[r, ch[r]].mean() / bc if bc > 0 else np.nan)
+        dacc.append(test.Y[r, ch[r]].mean() - test.Y[r, best].mean())
+    cis["operating_point_cost_saved"] = [float(np.nanpercentile(sav, 2.5)), float(np.nanpercentile(sav, 97.5))]
+    cis["operating_point_accuracy_delta"] = [float(np.percentile(dacc, 2.5)), float(np.percentile(dacc, 97.5))]
+    for k, v in cis.items():
+        metrics[f"{k}_ci"] = v
+    artifacts.write_json(ecfg.metrics, metrics)
 
-        plots = Path(ecfg.plots_dir)
-        plots.mkdir(parents=True, exist_ok=True)
-        hc, ha = upper_hull(fc, fa)
-        oa, oc = oracle(test.Y, test.Cost)
-        pd.DataFrame({"cost": cost, "accuracy": acc, "lambda": lams}).sort_values("cost").to_csv(
-            plots / "router_curve.csv", index=False)
-        pd.DataFrame({"tier": names, "cost": fc, "accuracy": fa}).to_csv(plots / "fixed_tiers.csv", index=False)
-        pd.DataFrame({"cost": hc, "accuracy": ha}).to_csv(plots / "fixed_hull.csv", index=False)
-        pd.DataFrame(cal_rows).to_csv(plots / "calibration.csv", index=False)
-        pd.DataFrame({"tier": names, "share": mix}).to_csv(plots / "tier_mix.csv", index=False)
-        write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (h["router_mean_cost"], h["router_accuracy"]),
-                    cal_rows, mix)
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        run.log_artifact(out)
-        run.log_artifact(plots, "plots")
+    plots = Path(ecfg.plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    hc, ha = upper_hull(fc, fa)
+    oa, oc = oracle(test.Y, test.Cost)
+    pd.DataFrame({"cost": cost, "accuracy": acc, "lambda": lams}).sort_values("cost").to_csv(
+        plots / "router_curve.csv", index=False)
+    pd.DataFrame({"tier": names, "cost": fc, "accuracy": fa}).to_csv(plots / "fixed_tiers.csv", index=False)
+    pd.DataFrame({"cost": hc, "accuracy": ha}).to_csv(plots / "fixed_hull.csv", index=False)
+    pd.DataFrame(cal_rows).to_csv(plots / "calibration.csv", index=False)
+    pd.DataFrame({"tier": names, "share": mix}).to_csv(plots / "tier_mix.csv", index=False)
+    write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (h["router_mean_cost"], h["router_accuracy"]),
+                cal_rows, mix)
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_artifact(ecfg.metrics)
+    run.log_artifact(plots, "plots")
     return metrics
 
 
@@ -255,15 +206,11 @@ def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_ro
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    from pipelines.config import load_params, stage_args
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = stage_args("evaluate: router vs every fixed tier and the oracle on the test split", argv)
-    m = evaluate(load_params(args.params))
-    print(json.dumps({k: m[k] for k in ("router_accuracy", "router_mean_cost", "best_fixed_tier",
-                                        "best_fixed_accuracy", "best_fixed_mean_cost",
-                                        "compute_saved_at_iso_accuracy", "apgr")}))
+def main(argv=None) -> dict:
+    return run_stage("evaluate", evaluate, argv, sections=SECTIONS,
+                     description="evaluate: router vs every fixed tier and the oracle on the test split",
+                     summary=("router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy",
+                              "best_fixed_mean_cost", "compute_saved_at_iso_accuracy", "apgr"))
 
 
 if __name__ == "__main__":

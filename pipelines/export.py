@@ -8,36 +8,23 @@ registered as ``difficulty-router`` with the alias ``champion``.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.config import Params
+from pipelines import artifacts
+from pipelines.config import ExportConfig, Params
+from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ExportConfig:
-    out_dir: str = "models/router"
-    onnx_encoder: bool = True  # ship MiniLM as ONNX so the runtime needs no torch
-    registered_model: str = "difficulty-router"
-    alias: str = "champion"
-    register: bool = True
-
-
-def export_config(params: Params) -> ExportConfig:
-    from pipelines.config import build
-
-    return build(ExportConfig, params.extra.get("export"), "export")
+SECTIONS = ("seed", "label", "featurize", "train", "policy", "evaluate", "export")
 
 
 def versions() -> dict[str, str]:
@@ -68,20 +55,15 @@ def ood_reference(train_X: np.ndarray, val_X: np.ndarray, names: list[str], quan
     return ref, float(np.quantile(sims, quantile))
 
 
-def export(params: Params) -> dict[str, Any]:
-    from pipelines.evaluate import evaluate_config, policy_config
-    from pipelines.featurize import featurize_config
-    from pipelines.label import label_config
-    from pipelines.tracking import stage_run
-    from pipelines.train import load_dataset, load_model, train_config
+def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
+    """Write the bundle (whole folder or nothing) and, inside an MLflow run, register it."""
     from router.bundle import write_manifest
     from router.featurizer import MINILM_STATIC
 
-    cfg, tcfg, ecfg, pcfg = export_config(params), train_config(params), evaluate_config(params), policy_config(params)
-    lcfg, fcfg = label_config(params), featurize_config(params)
-    ev = json.loads(Path(ecfg.metrics).read_text())
-    tr_metrics = json.loads(Path(tcfg.metrics).read_text())
-    success, cost, meta = load_model(tcfg.out_dir)
+    cfg, tcfg, ecfg, pcfg = params.export, params.train, params.evaluate, params.policy
+    ev = artifacts.read_json(ecfg.metrics)
+    tr_metrics = artifacts.read_json(tcfg.metrics)
+    success, cost, meta = artifacts.load_model(tcfg.out_dir)
     out = Path(cfg.out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -90,10 +72,10 @@ def export(params: Params) -> dict[str, Any]:
     s_meta = success.save(tmp, "success_")
     c_meta = cost.save(tmp, "cost_")
 
-    train = load_dataset(lcfg.out, fcfg.out, lcfg.tiers_out, splits=("train",))
-    val = load_dataset(lcfg.out, fcfg.out, lcfg.tiers_out, splits=("val",))
+    train = artifacts.load_dataset(params.label, params.featurize, splits=("train",))
+    val = artifacts.load_dataset(params.label, params.featurize, splits=("val",))
     names = [t["name"] for t in meta["tiers"]]
-    both_lat = _latency(lcfg.out, names)
+    both_lat = _latency(params.label.out, names)
     val_acc = val.Y.mean(axis=0)
     fallback = names[int(np.lexsort((val.Cost.mean(axis=0), -val_acc))[0])]
     policy: dict[str, Any] = {
@@ -150,21 +132,16 @@ def export(params: Params) -> dict[str, Any]:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     result = {"bundle": str(out), "files": len(manifest) and len(list(out.rglob("*.*"))), "bytes": size,
               "lambda": policy["lambda"], "registered": None}
-    with stage_run(params.mlflow, "export") as run:
-        run.log_params({"export": asdict(cfg)})
-        run.log_metrics({"bundle_bytes": size})
-        if cfg.register and params.mlflow.enabled:
-            result["registered"] = register(out, cfg)
-            run.set_tags({"registered_version": result["registered"]})
+    run.log_metrics({"bundle_bytes": size})
+    if cfg.register and run.run_id is not None:  # registering needs the stage's MLflow run
+        result["registered"] = register(out, cfg)
+        run.set_tags({"registered_version": result["registered"]})
     return result
 
 
 def _latency(outcomes_path: str, names: list[str]) -> list[float]:
     """Mean latency tokens per tier over train and validation (caps compare against it)."""
-    import pandas as pd
-
-    out = pd.read_parquet(outcomes_path, columns=["tier", "split", "latency_tokens"])
-    out = out[out["split"] != "test"]
+    out = artifacts.read_outcomes(outcomes_path, splits=("train", "val"), columns=["tier", "split", "latency_tokens"])
     m = out.groupby("tier")["latency_tokens"].mean()
     return [float(m.get(n, 0.0)) for n in names]
 
@@ -188,12 +165,9 @@ def register(bundle: Path, cfg: ExportConfig) -> str:
     return version
 
 
-def main(argv=None) -> None:
-    from pipelines.config import load_params, stage_args
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = stage_args("export: the router bundle and the MLflow registered model", argv)
-    print(json.dumps(export(load_params(args.params))))
+def main(argv=None) -> dict:
+    return run_stage("export", export, argv, sections=SECTIONS,
+                     description="export: the router bundle and the MLflow registered model")
 
 
 if __name__ == "__main__":

@@ -1,46 +1,66 @@
 """The label stage: per (query, tier), the probability of a correct answer and its cost.
 
-From rollout records, width tiers come from subsets of the n samples (exact average over
-k-subsets, see ``pipelines.estimators``), depth tiers from the records at their budget.
-``data.outcomes`` instead imports a precomputed long table (published model responses, your
-own logs): ``query_id, text, tier, correct, cost`` and optional ``split``.
+Rollout records hold what the model produced at each budget (its own completion, or the answer
+forced on its truncated prefix); this stage extracts each answer and checks it with the query's
+verifier, so a verifier fix relabels without generating anything. Width tiers come from subsets
+of the n samples (exact average over k-subsets, see ``pipelines.estimators``), depth tiers from
+the records at their budget. ``data.outcomes`` instead imports a precomputed long table
+(published model responses, your own logs): ``query_id, text, tier, correct, cost`` and
+optional ``split``.
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pipelines import artifacts
 from pipelines.config import Params
+from pipelines.queries import Query
+from pipelines.tracking import NULL_RUN, run_stage
 from router.tiers import Tier
 
 log = logging.getLogger(__name__)
 
-OUTCOME_COLUMNS = ("query_id", "split", "tier", "model", "budget", "samples", "p_correct",
-                   "cost_tokens", "latency_tokens", "cost")
+SECTIONS = ("data", "prepare", "models", "tiers", "rollout", "label")
 
 
-@dataclass(frozen=True)
-class LabelConfig:
-    out: str = "data/outcomes.parquet"
-    tiers_out: str = "data/tiers.json"  # the tier list the labels use, in cost order
+def score_records(df, queries: dict[str, Query]):
+    """Add ``answer``, ``vote_key`` and ``correct`` to rollout records with the queries' verifiers.
 
-    report: str = "data/label_report.json"
-    threshold: float = 0.5  # "solved by a tier" means p_correct >= threshold: a vote-worthy majority
+    Forced answers repeat a lot ("The final answer is 12."): each distinct (query, text) is
+    verified once.
+    """
+    from pipelines.verifiers import score
+    from router.vote import vote_key
 
-
-def label_config(params: Params) -> LabelConfig:
-    from pipelines.config import build
-
-    return build(LabelConfig, params.extra.get("label"), "label")
+    # a sample that finished within a budget answers there with its own completion (stored once)
+    own = df.dropna(subset=["completion"]).set_index(["query_id", "model", "sample"])["completion"]
+    own = own[~own.index.duplicated()].to_dict()
+    cache: dict[tuple[str, str], tuple[str | None, bool]] = {}
+    answers, keys, correct = [], [], []
+    for qid, model, sample, forced, text in zip(df["query_id"], df["model"], df["sample"], df["forced"],
+                                                df["answer_text"]):
+        if not forced:
+            text = own.get((qid, model, sample))
+            if text is None:
+                raise ValueError(f"rollout records of query {qid} sample {sample} ({model}) lack the completion; "
+                                 f"rerun the rollout stage")
+        k = (qid, text if isinstance(text, str) else "")
+        if k not in cache:
+            cache[k] = score(queries[qid], k[1])
+        a, c = cache[k]
+        answers.append(a)
+        keys.append(vote_key(a))
+        correct.append(bool(c))
+    df = df.copy()
+    df["answer"], df["vote_key"], df["correct"] = answers, keys, correct
+    return df
 
 
 def outcomes_from_records(df, tiers: list[Tier], split_of: dict[str, str]):
-    """Outcome rows from rollout records (one row per query, sample, budget)."""
+    """Outcome rows from scored rollout records (one row per query, sample, budget)."""
     import pandas as pd
 
     from pipelines.estimators import expected_subset_max, majority_vote_accuracy
@@ -75,7 +95,13 @@ def outcomes_from_records(df, tiers: list[Tier], split_of: dict[str, str]):
                 "latency_tokens": expected_subset_max(tokens, t.samples),
                 "cost": cost_tokens * t.cost_per_token,
             })
-    return pd.DataFrame(rows, columns=list(OUTCOME_COLUMNS))
+    return pd.DataFrame(rows, columns=list(artifacts.OUTCOME_COLUMNS))
+
+
+def tier_order(out) -> list[str]:
+    """Tiers cheapest first by mean cost over all queries (then by name, so ties are stable)."""
+    mean = out.groupby("tier")["cost"].mean()
+    return sorted(mean.index, key=lambda t: (float(mean[t]), t))
 
 
 def add_query_labels(out, threshold: float):
@@ -85,8 +111,7 @@ def add_query_labels(out, threshold: float):
     the tier, not of one query's noisy token count. Difficulty is where that tier falls in
     the cost order: "easy" (the cheapest third of tiers), "medium", "hard", or "unsolved".
     """
-    order = out.groupby("tier")["cost"].mean().sort_values()
-    rank = {t: i for i, t in enumerate(order.index)}
+    rank = {t: i for i, t in enumerate(tier_order(out))}
     ok = out[out["p_correct"] >= threshold].copy()
     ok["rank"] = ok["tier"].map(rank)
     first = ok.sort_values(["rank", "tier"]).groupby("query_id")["tier"].first()
@@ -103,68 +128,69 @@ def add_query_labels(out, threshold: float):
     return out
 
 
-def label(params: Params) -> dict[str, Any]:
-    """Run the label stage; returns its report."""
+def outcomes_from_rollouts(params: Params):
+    """Outcome rows and tiers from the rollout shards, scored here."""
     import pandas as pd
 
-    from pipelines.queries import read_queries
-    from pipelines.tracking import stage_run
+    queries = {q.query_id: q for q in artifacts.read_queries(params.prepare.out)}
+    tiers = params.tier_list()
+    frames = [artifacts.read_records(f"{params.rollout.out}/{m}", set(queries))
+              for m in sorted({t.model for t in tiers})]
+    df = pd.concat(frames, ignore_index=True)
+    if df.empty:
+        raise ValueError(f"no rollout records under {params.rollout.out}; run the rollout stage first")
+    df = score_records(df, queries)
+    split = {qid: q.split for qid, q in queries.items()}
+    # one sample's accuracy at each budget, over every sample: how much depth alone buys
+    single = {f"{m}-b{b}": round(float(g["correct"].mean()), 4) for (m, b), g in df.groupby(["model", "budget"])}
+    return outcomes_from_records(df, tiers, split), tiers, single
 
-    cfg = label_config(params)
-    with stage_run(params.mlflow, "label") as run:
-        run.log_params({"label": cfg.__dict__, "outcomes_table": params.data.outcomes})
-        if params.data.outcomes:
-            from pipelines.outcome_table import import_outcomes
 
-            out, tiers, queries, bad = import_outcomes(params.data.outcomes, params)
-        else:
-            from pipelines.shards import read_records
+def label(params: Params, run=NULL_RUN) -> dict[str, Any]:
+    """Run the label stage; returns its report."""
+    cfg = params.label
+    if params.data.outcomes:
+        from pipelines.outcome_table import import_outcomes
 
-            queries = read_queries(params.prepare.out)
-            split = {q.query_id: q.split for q in queries}
-            tiers = params.tier_list()
-            frames = [read_records(Path(params.rollout.out) / m, set(split)) for m in sorted({t.model for t in tiers})]
-            df = pd.concat(frames, ignore_index=True)
-            if df.empty:
-                raise ValueError(f"no rollout records under {params.rollout.out}; run the rollout stage first")
-            out = outcomes_from_records(df, tiers, split)
-            bad = []
-        out = add_query_labels(out, cfg.threshold)
-        for p in (cfg.out, cfg.tiers_out, cfg.report):
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-        out.to_parquet(cfg.out + ".tmp", index=False)
-        Path(cfg.out + ".tmp").replace(cfg.out)
-        tier_order = out.groupby("tier")["cost"].mean().sort_values().index.tolist()
-        by_name = {t.name: t for t in tiers}
-        Path(cfg.tiers_out).write_text(json.dumps([by_name[n].to_dict() for n in tier_order], indent=2) + "\n")
-        mean_p = out.groupby("tier")["p_correct"].mean()
-        report = {
-            "queries": int(out["query_id"].nunique()),
-            "tiers": len(tier_order),
-            "rows": len(out),
-            "by_split": out.drop_duplicates("query_id")["split"].value_counts().to_dict(),
-            "tier_accuracy": {t: round(float(mean_p[t]), 4) for t in tier_order},
-            "tier_mean_cost": {t: round(float(out[out["tier"] == t]["cost"].mean()), 2) for t in tier_order},
-            "difficulty": out.drop_duplicates("query_id")["difficulty"].value_counts().to_dict(),
-            "unsolved_queries": int((out.drop_duplicates("query_id")["cheapest_tier"] == "none").sum()),
-            "bad_rows": bad,
-        }
-        Path(cfg.report).write_text(json.dumps(report, indent=2) + "\n")
-        run.log_metrics({"queries": report["queries"], "rows": report["rows"],
-                         "unsolved_queries": report["unsolved_queries"]})
-        run.log_metrics({"tier_accuracy": report["tier_accuracy"]})
-        run.log_artifact(cfg.report)
-        run.log_artifact(cfg.tiers_out)
+        imported = import_outcomes(params.data.outcomes, params)
+        out, tiers, bad, single = imported.outcomes, imported.tiers, imported.bad, None
+    else:
+        (out, tiers, single), bad = outcomes_from_rollouts(params), []
+    out = add_query_labels(out, cfg.threshold)
+    artifacts.write_outcomes(out, cfg.out)
+    order = tier_order(out)
+    by_name = {t.name: t for t in tiers}
+    artifacts.write_tiers([by_name[n].to_dict() for n in order], cfg.tiers_out)
+    mean_p = out.groupby("tier")["p_correct"].mean()
+    mean_c = out.groupby("tier")["cost"].mean()
+    per_query = out.drop_duplicates("query_id")
+    report = {
+        "queries": int(out["query_id"].nunique()),
+        "tiers": len(order),
+        "rows": len(out),
+        "by_split": per_query["split"].value_counts().to_dict(),
+        "tier_accuracy": {t: round(float(mean_p[t]), 4) for t in order},
+        "tier_mean_cost": {t: round(float(mean_c[t]), 2) for t in order},
+        "difficulty": per_query["difficulty"].value_counts().to_dict(),
+        "unsolved_queries": int((per_query["cheapest_tier"] == "none").sum()),
+        "single_sample_accuracy": single,
+        "bad_rows": bad,
+    }
+    artifacts.write_json(cfg.report, report)
+    artifacts.write_json(cfg.metrics, {**{k: v for k, v in report.items() if k != "bad_rows"},
+                                       "bad_rows": len(bad)})
+    run.log_metrics({"queries": report["queries"], "rows": report["rows"],
+                     "unsolved_queries": report["unsolved_queries"]})
+    run.log_metrics({"tier_accuracy": report["tier_accuracy"]})
+    run.log_artifact(cfg.report)
+    run.log_artifact(cfg.metrics)
+    run.log_artifact(cfg.tiers_out)
     return report
 
 
-def main(argv=None) -> None:
-    from pipelines.config import load_params, stage_args
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = stage_args("label: p_correct and cost per (query, tier)", argv)
-    report = label(load_params(args.params))
-    print(json.dumps({k: report[k] for k in ("queries", "tiers", "rows", "unsolved_queries")}))
+def main(argv=None) -> dict:
+    return run_stage("label", label, argv, description="label: p_correct and cost per (query, tier)",
+                     sections=SECTIONS, summary=("queries", "tiers", "rows", "unsolved_queries"))
 
 
 if __name__ == "__main__":

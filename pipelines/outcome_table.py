@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
+from pipelines.artifacts import OUTCOME_COLUMNS
 from pipelines.config import Params
 from pipelines.queries import SPLITS, Query, split_of
 from router.tiers import Tier
@@ -49,6 +52,14 @@ def read_table(path: str | Path):
     return df
 
 
+def _number(value) -> float:
+    """``value`` as a float, NaN if it is not a number (reported as a bad row, never guessed)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _bad(line: int, reason: str, **extra) -> dict[str, Any]:
     return {"line": int(line), "reason": reason, **extra}
 
@@ -71,17 +82,11 @@ def validate_rows(df, declared: set[str] | None):
         if declared is not None and tier not in declared:
             bad.append(_bad(line, f"tier {tier!r} not declared in params", query_id=str(r.query_id)))
             continue
-        try:
-            correct = float(r.correct)
-        except (TypeError, ValueError):
-            correct = float("nan")
+        correct = _number(r.correct)
         if math.isnan(correct) or not 0.0 <= correct <= 1.0:
             bad.append(_bad(line, f"correct must be in [0, 1], got {r.correct!r}", query_id=str(r.query_id)))
             continue
-        try:
-            cost = float(r.cost)
-        except (TypeError, ValueError):
-            cost = float("nan")
+        cost = _number(r.cost)
         if math.isnan(cost) or cost < 0:
             bad.append(_bad(line, f"missing or negative cost {r.cost!r}", query_id=str(r.query_id)))
             continue
@@ -92,12 +97,21 @@ def validate_rows(df, declared: set[str] | None):
     return pd.DataFrame(keep, columns=["query_id", "text", "tier", "correct", "cost", "split", "source_line"]), bad
 
 
-def import_outcomes(path: str, params: Params):
-    """Outcome rows, tiers (cost-ordered), queries and the bad-row report from a table."""
-    import pandas as pd
+@dataclass
+class ImportedOutcomes:
+    """What an outcome table yields: outcome rows, tiers (cost order), queries, bad-row report."""
 
-    from pipelines.label import OUTCOME_COLUMNS
+    outcomes: Any  # DataFrame with OUTCOME_COLUMNS
+    tiers: list[Tier]
+    queries: list[Query]
+    bad: list[dict[str, Any]]
 
+
+def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
+    """Outcome rows, tiers, queries and the bad-row report of a table.
+
+    The table's tiers are ordered by mean cost (cheapest first) unless params declare them.
+    """
     declared_tiers = params.tier_list()
     table = read_table(path)
     if declared_tiers and not {t.name for t in declared_tiers} & set(table["tier"].astype(str)):
@@ -116,9 +130,12 @@ def import_outcomes(path: str, params: Params):
     if declared_tiers:
         tiers = declared_tiers
     else:
-        # the table's own tiers; a table says nothing of budgets or models, so each tier is
-        # its own "model" at budget 0 with one sample, priced by the table's cost column
-        tiers = [Tier(name=t, model=t, budget=0, samples=1, cost_per_token=1.0) for t in sorted(agg["tier"].unique())]
+        # the table's own tiers, cheapest first (mean cost, then name); a table says nothing of
+        # budgets or models, so each tier is its own "model" at budget 0 with one sample, priced
+        # by the table's cost column
+        mean_cost = agg.groupby("tier")["cost"].mean()
+        order = sorted(mean_cost.index, key=lambda t: (float(mean_cost[t]), t))
+        tiers = [Tier(name=t, model=t, budget=0, samples=1, cost_per_token=1.0) for t in order]
     names = [t.name for t in tiers]
     # every query needs every tier, or policies cannot be compared on it
     have = agg.groupby("query_id")["tier"].apply(set)
@@ -145,4 +162,4 @@ def import_outcomes(path: str, params: Params):
     agg["cost_tokens"] = agg["cost"] / price
     agg["latency_tokens"] = agg["cost_tokens"]  # the table has no sequence lengths: assume serial
     out = agg[list(OUTCOME_COLUMNS)].reset_index(drop=True)
-    return out, tiers, queries, sorted(bad, key=lambda b: b["line"])
+    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
-from pipelines.config import Params, load_params, stage_args
-from pipelines.datasets import load_sources
-from pipelines.queries import write_queries
+from pipelines import artifacts
+from pipelines.config import Params
+from pipelines.tracking import NULL_RUN, run_stage
+
+SECTIONS = ("seed", "data", "prepare")
 
 
-def prepare(params: Params) -> dict:
+def prepare(params: Params, run=NULL_RUN) -> dict:
     """Load ``params.data.sources``, cap, write the queries table and the report; return the report.
 
     ``data.max_queries`` keeps the first N queries by ``query_id`` (a stable, source-order
@@ -19,17 +19,19 @@ def prepare(params: Params) -> dict:
     nothing is wrong with them. With ``data.outcomes`` set, the outcome table replaces the
     generators: its texts are the queries and the label stage imports its outcomes.
     """
-    out, report_path = Path(params.prepare.out), Path(params.prepare.report)
     if params.data.outcomes:
         from pipelines.outcome_table import import_outcomes
 
         # the queries are the table's texts; the label stage imports the outcomes themselves
-        _, _, queries, bad = import_outcomes(params.data.outcomes, params)
-        dropped = [{"source": f"outcomes:{params.data.outcomes}", **b} for b in bad]
+        table = import_outcomes(params.data.outcomes, params)
+        queries = table.queries
+        dropped = [{"source": f"outcomes:{params.data.outcomes}", **b} for b in table.bad]
         capped = 0
         note = (f"data.outcomes is set ({params.data.outcomes}): the outcome table replaces prepare's "
                 "sources and the rollout")
     else:
+        from pipelines.datasets import load_sources
+
         queries, dropped = load_sources(params.data.sources, params.data.split, params.seed)
         capped = 0
         cap = params.data.max_queries
@@ -52,48 +54,21 @@ def prepare(params: Params) -> dict:
     if note:
         report["outcomes"] = params.data.outcomes
         report["note"] = note
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    if queries:
-        write_queries(queries, out)
-    else:
-        _write_empty(out)
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    tmp.replace(report_path)
-    return report
-
-
-def _write_empty(path: Path) -> None:
-    """An empty queries table with string columns (an all-empty frame would be typed null)."""
-    import pandas as pd
-
-    from pipelines.queries import QUERY_COLUMNS
-
-    df = pd.DataFrame({c: pd.Series([], dtype="string") for c in QUERY_COLUMNS})
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m pipelines.prepare [--params FILE]``."""
-    args = stage_args("prepare: dataset sources -> queries table", argv)
-    params = load_params(args.params)
-    from dataclasses import asdict
-
-    from pipelines.tracking import stage_run
-
-    with stage_run(params.mlflow, "prepare", args.params) as run:
-        run.log_params({"data": asdict(params.data), "seed": params.seed})
-        report = prepare(params)
-        run.log_metrics({"queries": report["queries"], "dropped": report["dropped_count"],
-                         "by_split": report["by_split"]})
-        run.log_artifact(params.prepare.report)
+    artifacts.write_queries(queries, params.prepare.out)
+    artifacts.write_json(params.prepare.report, report)
+    run.log_metrics({"queries": report["queries"], "dropped": report["dropped_count"],
+                     "by_split": report["by_split"]})
+    run.log_artifact(params.prepare.report)
     splits = ", ".join(f"{k} {v}" for k, v in report["by_split"].items()) or "none"
     print(f"prepare: {report['queries']} queries ({splits}) from {len(report['by_source'])} source(s); "
           f"dropped {report['dropped_count']}, capped {report['capped']} -> {params.prepare.out}")
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m pipelines.prepare [--params FILE] [--set KEY=VALUE ...]``."""
+    return run_stage("prepare", prepare, argv, description="prepare: dataset sources -> queries table",
+                     sections=SECTIONS, summary=None)
 
 
 if __name__ == "__main__":

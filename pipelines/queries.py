@@ -78,27 +78,3 @@ class Query:
             split=str(row["split"]),
             meta=json.loads(meta) if isinstance(meta, str) else dict(meta),
         )
-
-
-def write_queries(queries: Iterable[Query], path) -> None:
-    """Write queries to Parquet atomically (tmp file + rename)."""
-    import os
-
-    import pandas as pd
-
-    rows = [q.to_row() for q in queries]
-    df = pd.DataFrame(rows, columns=list(QUERY_COLUMNS))
-    tmp = f"{path}.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def read_queries(path) -> list[Query]:
-    """Read the queries table written by :func:`write_queries`."""
-    import pandas as pd
-
-    df = pd.read_parquet(path)
-    missing = set(QUERY_COLUMNS) - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-    return [Query.from_row(r) for r in df.to_dict("records")]

@@ -71,7 +71,7 @@ def static_files(model_dir: str | Path | None = None) -> dict[str, str]:
     """
     import numpy as np
 
-    from pipelines.backends.model_files import model_cache_dir
+    from pipelines.config import model_cache_dir
     from router.featurizer import minilm_dir
     from router.static_encoder import TABLE_FILE, TOKENIZER_FILE
 

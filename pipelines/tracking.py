@@ -116,8 +116,7 @@ def stage_run(config, stage: str, params_file: str | None = None) -> Iterator[_R
     with mlflow.start_run(**kwargs) as run:
         r = _Run(mlflow, run)
         r.set_tags({"stage": stage})
-        # every stage's run carries the params file it ran with (set by config.stage_args)
-        params_file = params_file or os.environ.get("DR_PARAMS_FILE")
+        # every stage's run carries the params file it ran with
         if params_file and Path(params_file).exists():
             r.log_artifact(params_file)
         yield r
@@ -142,3 +141,53 @@ def pipeline_run(config, name: str = "pipeline") -> Iterator[str | None]:
                 os.environ.pop(PARENT_ENV, None)
             else:
                 os.environ[PARENT_ENV] = old
+
+
+# ---------------------------------------------------------------- the command line of every stage
+
+
+def stage_arguments(description: str, add_arguments=None, argv=None):
+    """Parse what every stage's command line takes: ``--params FILE`` and ``--set KEY=VALUE``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override one params key, e.g. --set data.max_queries=6 (value parsed as YAML; "
+                    "repeat for several; unknown keys fail)")
+    if add_arguments is not None:
+        add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def run_stage(name: str, fn, argv=None, *, description: str, sections: tuple[str, ...],
+              summary: tuple[str, ...] | None = (), args=None) -> dict:
+    """Run stage ``name`` as its command line does: parse arguments, load params, open the
+    stage's MLflow run (logging the params file and the ``sections`` the stage reads), call
+    ``fn(params, run)`` and print the ``summary`` keys of its result as one JSON line (all of
+    it for ``()``; nothing for None, when the stage prints its own line)."""
+    from dataclasses import asdict
+
+    from pipelines.config import load_params
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = args or stage_arguments(description, argv=argv)
+    params = load_params(args.params, args.overrides)
+    with stage_run(params.mlflow, name, args.params) as run:
+        run.log_params({s: _section(params, s, asdict) for s in sections})
+        if args.overrides:
+            run.set_tags({"overrides": " ".join(args.overrides)})
+        result = fn(params, run)
+    if summary is not None:
+        print(json.dumps({k: result.get(k) for k in summary} if summary else result, default=str), flush=True)
+    return result
+
+
+def _section(params, name: str, asdict):
+    value = getattr(params, name)
+    if isinstance(value, dict):
+        return {k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in value.items()}
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
+
+
+NULL_RUN = _NullRun()

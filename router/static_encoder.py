@@ -11,23 +11,24 @@ stand-in for the contextual one: a router that serves with it is trained on it, 
 and serving compute identical features. The cost is a tokenizer call and one row gather,
 well under a millisecond for a GSM8K question.
 
-Imports only numpy and tokenizers.
+Imports only numpy and tokenizers (and ``router.featurizer``'s encoder base).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-DIM = 384
+from router.featurizer import Encoder, word_piece_tokenizer
+
+DIM = Encoder.dim
 NAME = "all-MiniLM-L6-v2-static"
 TABLE_FILE = "static.npy"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class StaticEncoder:
+class StaticEncoder(Encoder):
     """Texts to unit-length mean-of-pieces embeddings from a distilled table.
 
     An input with no word pieces (empty or whitespace only) embeds as the all-zero vector:
@@ -36,33 +37,22 @@ class StaticEncoder:
 
     def __init__(self, table_path: str | Path, tokenizer_path: str | Path, max_tokens: int = 256,
                  batch_size: int = 64):
-        from tokenizers import Tokenizer
-
         self.table_path = str(table_path)
         self.tokenizer_path = str(tokenizer_path)
         self.max_tokens = int(max_tokens)
         self.batch_size = int(batch_size)  # unused: kept so every encoder takes the same kwargs
-        self.calls = 0  # texts encoded: lets tests prove caching works
         # float16 on disk halves the bundle; rows are widened only when gathered
         self.table = np.load(self.table_path, allow_pickle=False, mmap_mode="r")
         if self.table.ndim != 2 or self.table.shape[1] != DIM:
             raise ValueError(f"{self.table_path}: expected a (vocab, {DIM}) table, got shape {self.table.shape}")
-        tok = Tokenizer.from_file(self.tokenizer_path)
         # the same pieces MiniLM would read: max_tokens includes [CLS] and [SEP]
-        tok.enable_truncation(max_length=max(self.max_tokens - 2, 1))
-        tok.no_padding()
-        self.tokenizer = tok
+        tok = self.tokenizer = word_piece_tokenizer(self.tokenizer_path, max(self.max_tokens - 2, 1))
         if tok.get_vocab_size() > self.table.shape[0]:
             raise ValueError(f"{self.table_path}: table has {self.table.shape[0]} rows, "
                              f"the tokenizer {tok.get_vocab_size()} ids")
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, 384) float32; each row L2-normalized, or zero for a text without pieces."""
-        texts = list(texts)
-        self.calls += len(texts)
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
-        if not texts:
-            return out
+    def _encode(self, texts: list[str], out: np.ndarray) -> None:
+        """Each row L2-normalized, or zero for a text without pieces."""
         for j, enc in enumerate(self.tokenizer.encode_batch(texts, add_special_tokens=False)):
             if not enc.ids:
                 continue
@@ -70,4 +60,3 @@ class StaticEncoder:
             n = float(np.linalg.norm(v))
             if n > 0:
                 out[j] = v / n
-        return out

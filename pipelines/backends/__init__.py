@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import importlib
+# the interface, re-exported
+from pipelines.backends.base import Backend, ForcedAnswer, OnePassRequest, OnePassResult  # noqa: F401
+from pipelines.backends.base import RolloutError, SampleResult, SamplingConfig  # noqa: F401
+from router.registry import Registry
 
-from pipelines.backends.base import (  # noqa: F401  (re-exported: the interface)
-    Backend,
-    ForcedAnswer,
-    OnePassRequest,
-    OnePassResult,
-    RolloutError,
-    SampleResult,
-    SamplingConfig,
+BACKENDS = Registry(
+    "backend",
+    {
+        "llamacpp": "pipelines.backends.llamacpp:LlamaCppBackend",
+        "vllm": "pipelines.backends.vllm:VllmBackend",
+        "openai": "pipelines.backends.openai_http:OpenAIBackend",
+    },
+    missing_hint="see README 'Install' for the extra that provides it",
 )
-
-BACKENDS = {
-    "llamacpp": "pipelines.backends.llamacpp:LlamaCppBackend",
-    "vllm": "pipelines.backends.vllm:VllmBackend",
-    "openai": "pipelines.backends.openai_http:OpenAIBackend",
-}
 
 
 def backend_class(name: str):
-    """Import and return the backend class registered as ``name``."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    module, _, obj = BACKENDS[name].partition(":")
+    """Import and return the backend class registered as ``name``.
+
+    ValueError for an unknown name (listing the valid ones); RolloutError naming the missing
+    optional dependency if the backend's module cannot be imported.
+    """
+    BACKENDS.check(name)
     try:
-        mod = importlib.import_module(module)
+        return BACKENDS.get(name)
     except ImportError as e:
-        raise RolloutError(
-            f"backend {name!r} needs an optional dependency that is not installed ({e}); "
-            f"see README 'Install' for the extra that provides it"
-        ) from e
-    return getattr(mod, obj)
+        raise RolloutError(str(e)) from e
 
 
 def load_backend(model_id: str, config) -> Backend:

@@ -2,44 +2,29 @@
 
 Why the low-level API: the high-level ``create_completion`` has no ``n``, so parallel samples
 would each re-decode the prompt and run one sequence per decode call. Here one ``llama_batch``
-carries one token of every live sequence per ``llama_decode``, each query's prompt is decoded
-once and its KV copied to its n sample sequences (``llama_memory_seq_cp``), and answers are
-forced in place by truncating a sample's own KV cache (``llama_memory_seq_rm``), budgets in
-descending order, with the forced answers of all live sequences sharing the decode calls.
-Python work per step is a few microseconds per sequence; the decode and the samplers (C) are
-the cost, so the loop runs within a few percent of a bare batched loop (bench/llamacpp_bare.py).
+carries one token of every live sequence per ``llama_decode`` and answers are forced in place in
+the sample's own KV sequence: the continuous-batching loop is in llamacpp_scheduler.py. This
+module loads the model and context, tokenizes, builds samplers, and is the ``Backend`` whose
+``sample`` step runs that loop. The loop forces every answer as its sample ends (the rules come
+from the base class's ``OnePass``), so ``force`` is never asked for anything.
 
 Not thread-safe: one backend, one caller at a time.
 
 Determinism: sample i of a request uses its own sampler seeded ``seed + i``, forced answers use
-samplers seeded from (seed, i, budget), and llama.cpp's CPU kernels compute every batch row
-independently, so a request's samples do not depend on which other requests share a batch
+samplers seeded ``mix_seed(seed, i, budget)``, and llama.cpp's CPU kernels compute every batch
+row independently, so a request's samples do not depend on which other requests share a batch
 (tested).
 """
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import os
 from dataclasses import dataclass
 
-from pipelines.backends.base import (
-    Backend,
-    ForcedAnswer,
-    OnePassRequest,
-    OnePassResult,
-    RolloutError,
-    SampleResult,
-    SamplingConfig,
-    check_generate_args,
-    check_request,
-)
+from pipelines.backends.base import Backend, ForcedAnswer, ForceJob, OnePass, RolloutError
+from pipelines.backends.llamacpp_scheduler import Job, Scheduler
 from pipelines.backends.model_files import resolve_model_path
-from pipelines.prompts import stop_strings
-
-_SEED_MASK = 0xFFFFFFFF
-_LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp treats this seed as "pick a random one"
 
 
 @dataclass(frozen=True)
@@ -79,64 +64,6 @@ class LlamaCppOptions:
         return opts
 
 
-# phases of a sequence
-_WAIT, _PROMPT, _GEN, _ANSWER, _DONE = range(5)
-
-
-class _Job:
-    """One request (or a ``generate`` call) in token form."""
-
-    __slots__ = ("key", "prompt", "n", "budgets", "seed", "suffix", "direct", "answer_tokens",
-                 "force", "results", "need_seq")
-
-    def __init__(self, key, prompt, n, budgets, seed, suffix, direct, answer_tokens, force):
-        self.key = key
-        self.prompt = prompt  # prompt token ids
-        self.n = n
-        self.budgets = budgets
-        self.seed = seed
-        self.suffix = suffix  # force-suffix token ids
-        self.direct = direct  # direct-prefix token ids (budget 0)
-        self.answer_tokens = answer_tokens
-        self.force = force
-        self.results: list = [None] * n
-        self.need_seq = 0  # KV cells one sample sequence needs at most
-
-
-class _Seq:
-    """A live sample: its KV sequence, sampler and what it generated so far."""
-
-    __slots__ = ("job", "index", "seq", "group", "phase", "sampler", "tokens", "buf", "offsets",
-                 "n_kept", "cut", "finished", "kv_len", "kv_valid", "feed", "feed_at", "out",
-                 "to_force", "budget", "ans_sampler", "ans_buf", "ans_offsets", "ans_n", "forced")
-
-    def __init__(self, job, index, seq, group):
-        self.job = job
-        self.index = index
-        self.seq = seq  # llama.cpp sequence id (a slot, reused after the sample is done)
-        self.group = group  # the samples that share this prompt decode
-        self.phase = _WAIT
-        self.sampler = None
-        self.tokens: list[int] = []  # completion token ids (EOG excluded)
-        self.buf = bytearray()  # completion bytes, for stop strings
-        self.offsets: list[int] = []  # byte offset where each token starts in buf
-        self.n_kept = 0
-        self.cut = -1  # byte length of the kept completion text
-        self.finished = False
-        self.kv_len = 0  # positions [0, kv_len) of this sequence are in the KV cache
-        self.kv_valid = 0  # positions [0, kv_valid) hold prompt + completion tokens
-        self.feed: list[int] = []  # tokens to decode next
-        self.feed_at = 0
-        self.out = -1  # batch index of this sequence's logits after the last decode
-        self.to_force: list[int] = []  # budgets still to force, descending
-        self.budget = -1
-        self.ans_sampler = None
-        self.ans_buf = bytearray()
-        self.ans_offsets: list[int] = []
-        self.ans_n = 0
-        self.forced: dict[int, ForcedAnswer] = {}
-
-
 _GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml_log_level in this llama.cpp (DEBUG=1 ... ERROR=4)
 _log_state = {"callback": None, "last": 0}
 
@@ -168,30 +95,6 @@ def _quiet_logs(llama_cpp, llama_logger, verbose: bool) -> None:
     llama_cpp.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
 
 
-def _find_stop(buf: bytearray, start: int, stops: tuple[bytes, ...]) -> int:
-    """Earliest byte offset >= start where any stop string begins, or -1."""
-    best = -1
-    for s in stops:
-        i = buf.find(s, start)
-        if i >= 0 and (best < 0 or i < best):
-            best = i
-    return best
-
-
-def _mix_seed(seed: int, index: int, budget: int) -> int:
-    """A deterministic 32-bit seed for the forced answer of (sample, budget)."""
-    x = ((seed + index) * 0x9E3779B1 + (budget + 1) * 0x85EBCA77 + 0x27D4EB2F) & _SEED_MASK
-    x ^= x >> 15
-    x = (x * 0x2C1B3C6D) & _SEED_MASK
-    x ^= x >> 12
-    return x if x != _LLAMA_DEFAULT_SEED else 0
-
-
-def _sample_seed(seed: int) -> int:
-    x = seed & _SEED_MASK
-    return x if x != _LLAMA_DEFAULT_SEED else 0
-
-
 class LlamaCppBackend(Backend):
     """A GGUF model loaded into llama.cpp, sampling many sequences per decode call."""
 
@@ -199,14 +102,8 @@ class LlamaCppBackend(Backend):
     options_type = LlamaCppOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
-        super().__init__(model_id)
-        self.config = config
-        self.options = self.options_type.from_dict(getattr(config, "options", None))
-        self.template = getattr(config, "template", "raw")
+        super().__init__(model_id, config)  # options, template, stop strings
         self.model_path = resolve_model_path(config.path)
-        #: completion token ids of the last one_pass/generate call, by (key, sample index);
-        #: lets tests and tools rebuild exactly what conditioned a forced answer
-        self.last_completion_tokens_: dict[tuple[str, int], list[int]] = {}
         self._model = self._ctx = self._batch = None
         self._samplers: dict[int, object] = {}  # live samplers by address, freed on close
         self._closed = False
@@ -257,20 +154,12 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp could not create a context (n_ctx={opts.n_ctx}, n_parallel={opts.n_parallel}); "
                 f"lower options.n_ctx or options.n_parallel"
             )
-        self._mem = ll.llama_get_memory(self._ctx)
         self._n_ctx = int(ll.llama_n_ctx(self._ctx))
         # cells one sequence may use: its own stream, or the whole shared cache
         self._n_ctx_seq = int(ll.llama_n_ctx_seq(self._ctx)) if not opts.kv_unified else self._n_ctx
         self._batch = ll.llama_batch_init(self._n_batch, 0, 1)
-        b = self._batch
-        # keep the array pointers: attribute access on a ctypes struct builds a new object
-        self._b_token, self._b_pos, self._b_logits = b.token, b.pos, b.logits
-        self._b_seq = [b.seq_id[i] for i in range(self._n_batch)]
-        for i in range(self._n_batch):
-            b.n_seq_id[i] = 1  # every token belongs to one sequence; prompts are shared by seq_cp
         self._pieces: dict[int, tuple[bytes, bool]] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._stops = tuple(s for s in stop_strings(self.template) if s)
 
     # ------------------------------------------------------------------ tokens
 
@@ -336,48 +225,45 @@ class LlamaCppBackend(Backend):
         if self._samplers.pop(ctypes.cast(chain, ctypes.c_void_p).value, None) is not None:
             self._ll.llama_sampler_free(chain)  # a chain owns and frees the samplers added to it
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ the Backend steps
 
-    def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
-        """Roll out every request at all its budgets at once; results are in request order."""
-        self._check_open()
+    def sample(self, run: OnePass) -> None:
+        """Tokenize every request, check that its sequences fit, and run the scheduler, which
+        forces each sample's answers in place as the sample ends."""
+        opts = self.options
+        n_par = opts.n_parallel
+        forcing: dict[str, list[int]] = {}
+
+        def ids_of(text: str) -> list[int]:
+            if text not in forcing:
+                forcing[text] = self.tokenize(text)
+            return forcing[text]
+
         jobs = []
-        for r in requests:
-            check_request(r)
-            jobs.append(_Job(
-                r.key, self.tokenize(r.prompt, add_special=True, parse_special=True), r.n,
-                tuple(int(b) for b in r.budgets), int(r.seed), self.tokenize(r.force_suffix),
-                self.tokenize(r.direct_prefix), int(r.answer_tokens), True,
-            ))
-        self._run(jobs, sampling)
-        return [
-            OnePassResult(key=j.key, samples=tuple(j.results), prompt_tokens=len(j.prompt)) for j in jobs
-        ]
+        for q, r in enumerate(run.requests):
+            prompt = self.tokenize(r.prompt, add_special=True, parse_special=True)
+            need = run.sequence_tokens(q, len(prompt), lambda t: len(ids_of(t)))
+            if opts.kv_unified:  # a group of samples shares the prompt's cells in one cache
+                run.check_capacity(q, len(prompt), need, self._n_ctx, room="the shared cache (n_ctx)",
+                                   option="n_ctx (or lower options.n_parallel)", parallel=min(r.n, n_par))
+            else:  # every sequence has its own stream of n_ctx / n_parallel cells
+                run.check_capacity(q, len(prompt), need, self._n_ctx_seq,
+                                   room=f"each of n_parallel={n_par} sequences (n_ctx/n_parallel)",
+                                   option=f"n_ctx to at least {need * n_par} (or lower options.n_parallel)")
+            run.prompt_tokens[q] = len(prompt)
+            jobs.append(Job(q, prompt, r.n, tuple(int(b) for b in r.budgets), ids_of(r.force_suffix),
+                            ids_of(r.direct_prefix), int(r.answer_tokens), need))
+        # built per call, not kept: it holds bound methods, and a cycle would keep a dropped
+        # backend's context (hundreds of MB) alive until the garbage collector runs
+        Scheduler(
+            self._ll, self._ctx, self._batch, n_batch=self._n_batch, n_parallel=n_par, n_ctx=self._n_ctx,
+            kv_unified=bool(opts.kv_unified), piece=self._piece, pieces=self._pieces,
+            make_sampler=self._make_sampler, free_sampler=self._free_sampler,
+        ).run(jobs, run)
 
-    def generate(
-        self,
-        prompt: str,
-        n: int,
-        max_tokens: int,
-        seed: int,
-        temperature: float,
-        stop=(),
-        *,
-        top_p: float = 0.95,
-        top_k: int = 0,
-    ) -> list[tuple[str, int, bool]]:
-        """Sample ``n`` completions of ``prompt``: [(text, n_tokens, finished)], sample i seeded seed + i.
-
-        The same machinery and sampler seeding as ``one_pass``, without forcing, so a decision
-        executed at runtime draws the same samples the labels were computed from.
-        """
-        self._check_open()
-        check_generate_args(n, max_tokens)
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, stop=tuple(stop))
-        job = _Job("generate", self.tokenize(prompt, add_special=True, parse_special=True), n,
-                   (int(max_tokens),), int(seed), [], [], 0, False)
-        self._run([job], sampling)
-        return [(s.text, s.n_tokens, s.finished) for s in job.results]
+    def force(self, run: OnePass, jobs: list[ForceJob]) -> list[ForcedAnswer]:
+        """Never needed: the scheduler forces every answer in place while it samples."""
+        raise RolloutError(f"internal: the llama.cpp scheduler left {len(jobs)} forced answer(s) undone")
 
     def close(self) -> None:
         """Free samplers, batch, context and model. Safe to call twice."""
@@ -399,270 +285,7 @@ class LlamaCppBackend(Backend):
             ll.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self):  # pragma: no cover - best effort at interpreter shutdown
-        try:
-            self.close()
-        except Exception:
-            pass
-
     def _check_open(self) -> None:
         if self._closed or not self._ctx:
             raise RolloutError("the llamacpp backend is closed")
 
-    # ------------------------------------------------------------------ the engine
-
-    def _run(self, jobs: list[_Job], sampling: SamplingConfig) -> None:
-        """Run every job to completion, filling ``job.results``."""
-        ll, ctx, mem = self._ll, self._ctx, self._mem
-        opts = self.options
-        n_par = opts.n_parallel
-        n_batch = self._n_batch
-        stops = tuple(s.encode() for s in self._stops + tuple(sampling.stop) if s)
-        max_stop = max((len(s) for s in stops), default=0)
-        ans_stops = tuple(dict.fromkeys((b"\n",) + tuple(s.encode() for s in self._stops)))
-        max_ans_stop = max(len(s) for s in ans_stops)
-        temp, top_p, top_k = float(sampling.temperature), float(sampling.top_p), int(sampling.top_k)
-        ftemp = float(sampling.force_temperature)
-        self.last_completion_tokens_ = {}
-
-        # capacity: what one sample sequence can need, checked before any work is done
-        for j in jobs:
-            P = len(j.prompt)
-            if P == 0:
-                raise ValueError(f"request {j.key!r}: the prompt is empty")
-            need = P + j.budgets[-1]
-            if j.force:
-                for b in j.budgets:
-                    need = max(need, P + b + len(j.direct if b == 0 else j.suffix) + j.answer_tokens)
-            j.need_seq = need
-            group = min(j.n, n_par)
-            total = P + group * (need - P) if opts.kv_unified else need
-            if opts.kv_unified and total > self._n_ctx:
-                raise RolloutError(
-                    f"request {j.key!r} needs {total} KV cells for {group} parallel samples (prompt {P} "
-                    f"+ {group} x {need - P} for max_tokens {j.budgets[-1]}, suffix and answer) but the "
-                    f"shared cache has n_ctx={self._n_ctx}; raise options.n_ctx or lower options.n_parallel"
-                )
-            if not opts.kv_unified and need > self._n_ctx_seq:
-                raise RolloutError(
-                    f"request {j.key!r} needs {need} KV cells per sequence (prompt {P} + max_tokens "
-                    f"{j.budgets[-1]} + suffix + answer_tokens {j.answer_tokens}) but each of "
-                    f"n_parallel={n_par} sequences has n_ctx/n_parallel={self._n_ctx_seq}; raise "
-                    f"options.n_ctx to at least {need * n_par} (or lower options.n_parallel)"
-                )
-
-        # work queue: groups of up to n_parallel samples of one job, each decodes the prompt once
-        pending: list[tuple[_Job, range]] = []
-        for j in jobs:
-            for lo in range(0, j.n, n_par):
-                pending.append((j, range(lo, min(j.n, lo + n_par))))
-        pending.reverse()  # pop() from the end keeps request order
-        free = list(range(n_par - 1, -1, -1))  # free sequence ids, pop() gives the smallest
-        live: list[_Seq] = []
-        ll.llama_memory_clear(mem, False)  # metadata only: zeroing GBs of cells is wasted time
-
-        tok_arr, pos_arr, logit_arr, seq_ptrs = self._b_token, self._b_pos, self._b_logits, self._b_seq
-        batch = self._batch
-        piece = self._piece
-        pieces = self._pieces
-        sample = ll.llama_sampler_sample
-
-        def finish_sample(s: _Seq) -> None:
-            j = s.job
-            if s.cut < 0:
-                s.cut = len(s.buf) if stops else -1
-            if stops:
-                text = bytes(s.buf[: s.cut]).decode("utf-8", errors="replace")
-            else:
-                text = b"".join(pieces[t][0] for t in s.tokens).decode("utf-8", errors="replace")
-            j.results[s.index] = SampleResult(
-                index=s.index, seed=j.seed + s.index, text=text, n_tokens=s.n_kept,
-                finished=s.finished, forced=dict(sorted(s.forced.items())),
-            )
-            self.last_completion_tokens_[(j.key, s.index)] = s.tokens[: s.n_kept]
-            self._free_sampler(s.sampler)
-            s.sampler = None
-            s.phase = _DONE
-            # drop the whole sequence so its id (and, unified, its cells) can be reused
-            ll.llama_memory_seq_rm(mem, s.seq, -1, -1)
-
-        def end_generation(s: _Seq) -> None:
-            """The completion is over: force answers at the budgets it did not finish within."""
-            j = s.job
-            if not s.finished:
-                s.n_kept = len(s.tokens)
-            self._free_sampler(s.sampler)
-            s.sampler = None
-            if j.force:
-                s.to_force = [b for b in reversed(j.budgets) if not (s.finished and s.n_kept <= b)]
-            next_force(s)
-
-        def next_force(s: _Seq) -> None:
-            if not s.to_force:
-                finish_sample(s)
-                return
-            j = s.job
-            b = s.to_force.pop(0)
-            P = len(j.prompt)
-            tail = j.direct if b == 0 else j.suffix
-            keep = min(s.kv_valid, P + b)
-            if keep == P + b and not tail:
-                keep -= 1  # nothing to append: re-decode the last kept token to get its logits
-            # truncate this sequence in place: only prompt + first b tokens (+ tail) condition
-            # the forced answer; the prompt/completion cells before `keep` are reused as they are
-            if not ll.llama_memory_seq_rm(mem, s.seq, keep, -1):
-                raise RolloutError(f"llama.cpp could not truncate sequence {s.seq} at position {keep}")
-            prefix = j.prompt + s.tokens[:b]
-            s.feed = prefix[keep:] + tail
-            s.feed_at = 0
-            s.kv_len = keep
-            s.kv_valid = P + b
-            s.budget = b
-            s.ans_sampler = self._make_sampler(_mix_seed(j.seed, s.index, b), ftemp, top_p, top_k)
-            s.ans_buf = bytearray()
-            s.ans_offsets = []
-            s.ans_n = 0
-            s.phase = _ANSWER
-
-        def end_answer(s: _Seq, cut: int, n_tok: int) -> None:
-            text = bytes(s.ans_buf[:cut]).decode("utf-8", errors="replace")
-            s.forced[s.budget] = ForcedAnswer(text=text, n_tokens=n_tok)
-            self._free_sampler(s.ans_sampler)
-            s.ans_sampler = None
-            next_force(s)
-
-        def on_gen_token(s: _Seq, tok: int) -> None:
-            p, eog = pieces.get(tok) or piece(tok)
-            if eog:
-                s.finished = True
-                s.n_kept = len(s.tokens)
-                end_generation(s)
-                return
-            s.tokens.append(tok)
-            if stops:
-                start = len(s.buf)
-                s.offsets.append(start)
-                s.buf += p
-                at = _find_stop(s.buf, max(0, start - max_stop + 1), stops)
-                if at >= 0:
-                    s.cut = at
-                    # tokens that contribute at least one byte before the stop string
-                    s.n_kept = bisect.bisect_left(s.offsets, at)
-                    s.finished = True
-                    end_generation(s)
-                    return
-            if len(s.tokens) >= s.job.budgets[-1]:
-                end_generation(s)
-                return
-            s.feed = [tok]
-            s.feed_at = 0
-
-        def on_answer_token(s: _Seq, tok: int) -> None:
-            p, eog = pieces.get(tok) or piece(tok)
-            if eog:
-                end_answer(s, len(s.ans_buf), s.ans_n)
-                return
-            start = len(s.ans_buf)
-            s.ans_offsets.append(start)
-            s.ans_buf += p
-            s.ans_n += 1
-            at = _find_stop(s.ans_buf, max(0, start - max_ans_stop + 1), ans_stops)
-            if at >= 0:
-                end_answer(s, at, bisect.bisect_left(s.ans_offsets, at))
-                return
-            if s.ans_n >= s.job.answer_tokens:
-                end_answer(s, len(s.ans_buf), s.ans_n)
-                return
-            s.feed = [tok]
-            s.feed_at = 0
-
-        def reserved() -> int:
-            """KV cells promised to live samples (unified cache): shared prompts + own tails."""
-            prompts = {id(s.group): len(s.job.prompt) for s in live}
-            return sum(prompts.values()) + sum(s.job.need_seq - len(s.job.prompt) for s in live)
-
-        try:
-            while pending or live:
-                # admit whole groups while sequence ids (and, unified, cells) are free
-                while pending:
-                    j, idx = pending[-1]
-                    cells = len(j.prompt) + len(idx) * (j.need_seq - len(j.prompt))
-                    if len(free) < len(idx) or (opts.kv_unified and reserved() + cells > self._n_ctx):
-                        break
-                    pending.pop()
-                    group: list[_Seq] = []
-                    for i in idx:
-                        s = _Seq(j, i, free.pop(), group)
-                        s.sampler = self._make_sampler(_sample_seed(j.seed + i), temp, top_p, top_k)
-                        group.append(s)
-                    lead = group[0]
-                    lead.phase = _PROMPT
-                    lead.feed = j.prompt
-                    live.extend(group)
-
-                # fill the batch: one-token feeds first so a long prompt never starves generation
-                n = 0
-                ready: list[_Seq] = []
-                for s in sorted((s for s in live if s.feed), key=lambda s: len(s.feed) - s.feed_at > 1):
-                    take = min(len(s.feed) - s.feed_at, n_batch - n)
-                    if take <= 0:
-                        break
-                    feed, at, pos, sid = s.feed, s.feed_at, s.kv_len, s.seq
-                    for k in range(take):
-                        tok_arr[n] = feed[at + k]
-                        pos_arr[n] = pos + k
-                        seq_ptrs[n][0] = sid
-                        logit_arr[n] = 0
-                        n += 1
-                    s.kv_len += take
-                    s.feed_at += take
-                    if s.feed_at == len(feed):
-                        logit_arr[n - 1] = 1
-                        s.out = n - 1
-                        s.feed = []
-                        ready.append(s)
-                if n == 0:
-                    raise RolloutError("internal: no sequence has input but work remains")  # pragma: no cover
-                batch.n_tokens = n
-                rc = ll.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise RolloutError(
-                        f"llama_decode failed with code {rc}"
-                        + (" (no free KV slot: raise options.n_ctx)" if rc == 1 else "")
-                    )
-
-                for s in ready:
-                    if s.phase == _PROMPT:
-                        j = s.job
-                        P = len(j.prompt)
-                        for m in s.group:
-                            if m is not s:
-                                ll.llama_memory_seq_cp(mem, s.seq, m.seq, -1, -1)
-                            m.kv_len = m.kv_valid = P
-                            m.phase = _GEN
-                        for m in s.group:
-                            if j.budgets[-1] == 0:
-                                end_generation(m)
-                            else:
-                                # every sample draws its first token from the prompt's logits
-                                on_gen_token(m, sample(m.sampler, ctx, s.out))
-                    elif s.phase == _GEN:
-                        s.kv_valid = s.kv_len
-                        on_gen_token(s, sample(s.sampler, ctx, s.out))
-                    elif s.phase == _ANSWER:
-                        on_answer_token(s, sample(s.ans_sampler, ctx, s.out))
-
-                if any(s.phase == _DONE for s in live):
-                    still = []
-                    for s in live:
-                        if s.phase == _DONE:
-                            free.append(s.seq)
-                        else:
-                            still.append(s)
-                    live = still
-                    free.sort(reverse=True)
-        finally:
-            for s in live:
-                self._free_sampler(s.sampler)
-                self._free_sampler(s.ans_sampler)
-            ll.llama_memory_clear(mem, False)  # metadata only: zeroing GBs of cells is wasted time

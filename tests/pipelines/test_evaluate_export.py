@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.pipelines.test_train import outcome_table, params_for, run_to_train
+from pipelines.config import parse_params
+from tests.pipelines.test_train import outcome_table, params_for, raw_params, run_to_train
 
 CONTRACT_KEYS = (
     "router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy", "best_fixed_mean_cost",
@@ -19,17 +20,21 @@ CONTRACT_KEYS = (
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from pipelines.evaluate import evaluate
-    from pipelines.export import export
+    import yaml
+
+    from pipelines import evaluate, export
 
     tmp = tmp_path_factory.mktemp("pipe")
     outcome_table(tmp / "table.csv", n=160)
-    p = params_for(tmp, tmp / "table.csv",
-                   evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 100},
-                   export={"out_dir": str(tmp / "router"), "onnx_encoder": False})
+    raw = raw_params(tmp, tmp / "table.csv",
+                     evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 100},
+                     export={"out_dir": str(tmp / "router"), "onnx_encoder": False})
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = params_for(tmp, tmp / "table.csv", **{k: raw[k] for k in ("evaluate", "export")})
     run_to_train(p)
-    ev = evaluate(p)
-    ex = export(p)
+    # through the stages' command line, as a user runs them: export registers inside its MLflow run
+    ev = evaluate.main(["--params", str(tmp / "params.yaml")])
+    ex = export.main(["--params", str(tmp / "params.yaml")])
     return tmp, p, ev, ex
 
 
@@ -63,14 +68,12 @@ def test_bundle_manifest_hashes_and_no_pickle(pipeline):
 
 
 def test_runtime_matches_training_model_on_held_out_rows(pipeline):
-    from pipelines.featurize import featurize_config
-    from pipelines.label import label_config
-    from pipelines.train import load_dataset, load_model
+    from pipelines.artifacts import load_dataset, load_model
     from router import Router
 
     tmp, p, *_ = pipeline
     success, cost, _ = load_model(tmp / "train")
-    test = load_dataset(label_config(p).out, featurize_config(p).out, label_config(p).tiers_out, ("test",))
+    test = load_dataset(p.label, p.featurize, ("test",))
     r = Router.load(tmp / "router")
     np.testing.assert_allclose(r.success.predict(test.X), success.predict(test.X), atol=1e-6, rtol=0)
     np.testing.assert_allclose(r.cost.predict(test.X), cost.predict(test.X), atol=1e-6, rtol=0)
@@ -94,3 +97,51 @@ def test_registered_model_loads_by_alias(pipeline):
     out = model.predict(pd.DataFrame({"text": ["What is 3 + 4?", ""]}))
     assert list(out.columns)[:3] == ["tier", "budget", "samples"]
     assert out.loc[1, "reason"] == "fallback:empty-query"
+
+
+@pytest.fixture(scope="module")
+def default_pipeline(tmp_path_factory):
+    """The export path a user gets by default: MiniLM features, the ONNX encoder shipped in the
+    bundle (with export's own parity check against sentence-transformers), every candidate."""
+    import yaml
+
+    from pipelines import evaluate, export
+
+    tmp = tmp_path_factory.mktemp("default-export")
+    outcome_table(tmp / "table.csv", n=60)
+    raw = raw_params(tmp, tmp / "table.csv",
+                     evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 50},
+                     export={"out_dir": str(tmp / "router")})
+    raw["featurize"] = {"out": str(tmp / "features.parquet")}  # the default embedding and encoder
+    raw["train"].pop("candidates")  # the default candidates, knn included
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+    p = parse_params(raw)
+    assert p.featurize.embedding == "all-MiniLM-L6-v2" and p.export.onnx_encoder
+    run_to_train(p)
+    evaluate.main(["--params", str(tmp / "params.yaml")])
+    export.main(["--params", str(tmp / "params.yaml")])
+    return tmp, p
+
+
+def test_default_export_ships_onnx_and_routes_like_training(default_pipeline):
+    import pandas as pd
+
+    from pipelines.artifacts import load_dataset, load_model
+    from pipelines.featurize import make_featurizer
+    from router import Router
+
+    tmp, p = default_pipeline
+    r = Router.load(tmp / "router")  # auto: the bundle's ONNX encoder, no torch needed
+    assert r.featurizer.encoder_name == "onnx"
+    assert r.manifest["encoder"]["onnx"].endswith(".onnx")
+    test = load_dataset(p.label, p.featurize, ("test",))
+    texts = pd.read_parquet(p.prepare.out).set_index("query_id").loc[test.query_ids, "text"].tolist()
+    X_runtime = r.featurizer.transform(texts)
+    X_train = make_featurizer(p.featurize).transform(texts)  # sentence-transformers, as featurize ran
+    np.testing.assert_allclose(X_runtime, X_train, atol=1e-5, rtol=0)
+    success, _, _ = load_model(tmp / "train")
+    _, P, C = r.predict(texts)
+    np.testing.assert_allclose(P, np.clip(success.predict(test.X), 0, 1), atol=1e-5, rtol=0)
+    routed = [(d, r.tiers[r.decide(P[j], C[j])[0]].name) for j, d in enumerate(r.route_batch(texts))]
+    utility = [(d.tier, want) for d, want in routed if d.reason.startswith("utility")]
+    assert utility and all(got == want for got, want in utility)

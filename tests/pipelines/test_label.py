@@ -61,12 +61,13 @@ def test_import_reports_bad_rows_with_line_numbers(tmp_path):
     rows.append({"query_id": "q9", "text": "x", "tier": "huge", "correct": 1, "cost": ""})  # line 14
     write_table(tmp_path / "t.csv", rows)
     p = parse_params({})
-    out, tiers, queries, bad = import_outcomes(str(tmp_path / "t.csv"), p)
+    imported = import_outcomes(str(tmp_path / "t.csv"), p)
+    out, tiers, queries, bad = imported.outcomes, imported.tiers, imported.queries, imported.bad
     reasons = {b["line"]: b["reason"] for b in bad}
     assert "correct" in reasons[5] and "text" in reasons[6] and "cost" in reasons[14]
     # q1 lost its big row (line 5) and q2 its small row (line 6): both lack a tier now
     assert {"q1", "q2"} == {b["query_id"] for b in bad if "lacks" in b["reason"]}
-    assert [t.name for t in tiers] == ["big", "small"] or {t.name for t in tiers} == {"big", "small"}
+    assert [t.name for t in tiers] == ["small", "big"]  # cheapest first, by mean cost (not by name)
     assert set(out["query_id"]) == {"q0", "q3", "q4", "q5"}
     assert len(queries) == 4
 
@@ -76,6 +77,32 @@ def test_import_with_declared_tiers_rejects_undeclared(tmp_path):
             {"query_id": "q", "text": "t", "tier": "zz", "correct": 0, "cost": 3}]
     pd.DataFrame(rows).to_json(tmp_path / "t.jsonl", orient="records", lines=True)
     p = parse_params({"models": {"a": {}}, "tiers": {"list": [{"name": "a", "model": "a", "budget": 0}]}})
-    out, tiers, queries, bad = import_outcomes(str(tmp_path / "t.jsonl"), p)
+    imported = import_outcomes(str(tmp_path / "t.jsonl"), p)
+    out, bad = imported.outcomes, imported.bad
     assert bad == [{"line": 2, "reason": "tier 'zz' not declared in params", "query_id": "q"}]
     assert out["tier"].tolist() == ["a"]
+
+
+def test_import_orders_undeclared_tiers_by_mean_cost_then_name(tmp_path):
+    rows = [{"query_id": f"q{i}", "text": f"t{i}", "tier": tier, "correct": 1, "cost": cost}
+            for i in range(3) for tier, cost in (("a-costly", 50 + i), ("b-cheap", 1), ("c-mid", 10), ("a-mid", 10))]
+    write_table(tmp_path / "t.csv", rows)
+    tiers = import_outcomes(str(tmp_path / "t.csv"), parse_params({})).tiers
+    assert [t.name for t in tiers] == ["b-cheap", "a-mid", "c-mid", "a-costly"]
+
+
+def test_label_scores_records_with_the_verifier_not_the_rollout():
+    """Records carry text only; the same records scored against another gold answer flip."""
+    from pipelines.label import score_records
+    from pipelines.queries import Query
+
+    rec = pd.DataFrame([
+        dict(query_id="q", model="m", sample=0, budget=0, forced=True, answer_text="The final answer is 12.",
+             completion=None),
+        dict(query_id="q", model="m", sample=0, budget=64, forced=False, answer_text=None,
+             completion="6 * 2 = 12. The final answer is 12."),
+    ])
+    right = score_records(rec, {"q": Query("q", "6 * 2?", "12", "gsm8k", "t", "train")})
+    wrong = score_records(rec, {"q": Query("q", "6 * 2?", "13", "gsm8k", "t", "train")})
+    assert right["correct"].tolist() == [True, True] and wrong["correct"].tolist() == [False, False]
+    assert right["vote_key"].tolist() == ["12", "12"]

@@ -14,8 +14,9 @@ import yaml
 
 from pipelines.backends import BACKENDS
 from pipelines.config import load_params, parse_params
-from pipelines.plan import count_queries, make_plan, options_class
-from pipelines.queries import Query, write_queries
+from pipelines.rollout.planner import count_queries, make_plan, options_class
+from pipelines.artifacts import write_queries
+from pipelines.queries import Query
 from pipelines.rollout import main as rollout_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def measured(model="m", budgets=(0, 8, 16), **kw) -> dict:
     """A metrics/rollout.json as rollout_metrics writes it: 4 queries x 2 samples, 10 tokens/sample."""
     return {"queries": 4, "samples": 8, "generated_tokens": 80, "naive_tokens": 200.0, "tokens_per_second": 50.0,
             "backend": "llamacpp", "model": model,
-            "single_sample_accuracy": {f"{model}-b{b}": 0.5 for b in budgets}, **kw}
+            "budgets": {model: list(budgets)}, **kw}
 
 
 def write_params(tmp: Path, raw: dict) -> Path:
@@ -192,18 +193,10 @@ def test_plan_of_the_gpu_profile(tmp_path):
 
 
 def test_gpu_profile_is_complete_and_writes_the_default_paths():
-    from pipelines.evaluate import evaluate_config, policy_config
-    from pipelines.export import export_config
-    from pipelines.featurize import featurize_config
-    from pipelines.label import label_config
-    from pipelines.train import train_config
-
     gpu, default = load_params(GPU), load_params(REPO / "params.yaml")
     assert gpu.model("qwen2.5-1.5b").backend == "vllm"
-    policy_config(gpu)
-    for section in (lambda p: p.prepare, lambda p: p.rollout, label_config, featurize_config, train_config,
-                    evaluate_config, export_config):
-        paths = [{k: v for k, v in asdict(section(p)).items()
+    for name in ("prepare", "rollout", "label", "featurize", "train", "evaluate", "export"):
+        paths = [{k: v for k, v in asdict(getattr(p, name)).items()
                   if k in ("out", "out_dir", "metrics", "report", "tiers_out", "plots_dir")} for p in (gpu, default)]
         assert paths[0] == paths[1]
 

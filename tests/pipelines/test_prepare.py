@@ -10,7 +10,7 @@ import yaml
 
 from pipelines.config import parse_params
 from pipelines.prepare import main, prepare
-from pipelines.queries import read_queries
+from pipelines.artifacts import read_queries
 
 
 def make_params(tmp_path: Path, **data) -> dict:

@@ -19,14 +19,15 @@ import yaml
 
 from pipelines.backends.base import RolloutError
 from pipelines.config import RolloutConfig, parse_params
-from pipelines.queries import Query, write_queries
+from pipelines.artifacts import write_queries
+from pipelines.queries import Query
 from pipelines.rollout import rollout
 from tests.conftest import REPO
 from tests.fakes import ScriptedBackend
 
 BUDGETS = [0, 4, 8]
 KEY = ["query_id", "sample", "budget"]
-COMPARED = KEY + ["seed", "answer", "correct", "tokens", "forced", "forced_tokens", "finished", "completion"]
+COMPARED = KEY + ["seed", "answer_text", "tokens", "forced", "forced_tokens", "finished", "completion"]
 N_QUERIES = 6
 cluster_test = [pytest.mark.ray, pytest.mark.slow]
 
@@ -77,7 +78,7 @@ def ray_session(tmp_path_factory):
     """One local Ray instance (2 CPUs) for the module, its files under a temporary folder."""
     ray = pytest.importorskip("ray", reason="the Ray executor needs ray: pip install 'difficulty-router[ray]'")
     pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python (pipeline extra)")
-    from pipelines.ray_executor import init_ray
+    from pipelines.rollout.ray_executor import init_ray
 
     tmp = tmp_path_factory.mktemp("ray")
     with pytest.MonkeyPatch.context() as env:
@@ -105,7 +106,7 @@ def local_run(tmp_path_factory):
 
 def run_ray(tmp: Path, monkeypatch, on_submit=None, **kw) -> tuple[dict, dict]:
     """The whole rollout stage on Ray; also returns the executor's own stats."""
-    import pipelines.ray_executor as rx
+    import pipelines.rollout.ray_executor as rx
 
     orig = getattr(rx.rollout_ray, "__wrapped__", rx.rollout_ray)
     seen = {}
@@ -133,7 +134,7 @@ def test_same_records_and_answers_as_local_executor(ray_session, local_run, tmp_
     names = lambda d: sorted(p.name for p in (d / "rollouts" / "smol").glob("shard-*.parquet"))  # noqa: E731
     assert names(tmp_path) == names(ref_dir)
     saved = json.loads((tmp_path / "rollout.json").read_text())
-    for k in ("queries", "samples", "generated_tokens", "naive_tokens", "backend", "model", "single_sample_accuracy"):
+    for k in ("queries", "samples", "generated_tokens", "naive_tokens", "backend", "model", "budgets"):
         assert saved[k] == ref_metrics[k] == metrics[k], k
     # a rerun finds every query done and starts no worker
     _, stats = run_ray(tmp_path, monkeypatch)
@@ -233,7 +234,7 @@ def test_stage_joins_an_existing_cluster_by_address(ray_session, local_run, tmp_
 @pytest.mark.ray
 @pytest.mark.slow
 def test_unloadable_model_fails_clearly(ray_session, tmp_path):
-    from pipelines.ray_executor import rollout_ray
+    from pipelines.rollout.ray_executor import rollout_ray
     from pipelines.rollout import plan_rollout
 
     raw = raw_params(tmp_path, "ray", ray_workers=1)
@@ -247,7 +248,7 @@ def test_unloadable_model_fails_clearly(ray_session, tmp_path):
 
 
 def test_pipelines_import_without_ray():
-    code = ("import sys, pipelines, pipelines.rollout, pipelines.ray_executor; "
+    code = ("import sys, pipelines, pipelines.rollout, pipelines.rollout.ray_executor; "
             "assert 'ray' not in sys.modules, 'importing pipelines imported ray'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
@@ -268,7 +269,7 @@ def test_local_executor_works_and_ray_executor_says_how_to_install_without_ray(t
 
 
 def test_worker_resources_and_count():
-    from pipelines.ray_executor import _n_workers, worker_resources
+    from pipelines.rollout.ray_executor import _n_workers, worker_resources
 
     r = RolloutConfig()
     assert worker_resources("llamacpp", r) == {"num_cpus": 1.0, "num_gpus": 0.0}

@@ -93,7 +93,7 @@ def test_vllm_actors_write_the_same_records_as_the_local_executor(ray_without_vl
     names = lambda d: sorted(p.name for p in (d / "rollouts" / "smol").glob("shard-*.parquet"))  # noqa: E731
     assert names(tmp_path) == names(ref_dir) and len(names(tmp_path)) == N
     saved = json.loads((tmp_path / "rollout.json").read_text())
-    for k in ("queries", "samples", "generated_tokens", "naive_tokens", "backend", "model", "single_sample_accuracy"):
+    for k in ("queries", "samples", "generated_tokens", "naive_tokens", "backend", "model", "budgets"):
         assert saved[k] == ref_metrics[k] == metrics[k], k
     # a rerun finds every query done and starts no worker (loads no engine)
     _, stats = run_ray(tmp_path, monkeypatch, model=VLLM_SMOL, samples=SAMPLES, max_queries=N, **RAY_KW)

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from pipelines.config import parse_params
-from pipelines.queries import Query, write_queries
+from pipelines.artifacts import write_queries
+from pipelines.queries import Query
 from pipelines.rollout import plan_rollout, rollout
 from tests.fakes import ScriptedBackend
 
@@ -117,6 +118,12 @@ def test_samples_do_not_depend_on_shard_size(tmp_path):
     write_some_queries(tmp_path, n=5)
     rollout(make_params(tmp_path, shard_size=1), backend_factory=factory([]), progress=False)
     a = records(tmp_path).sort_values(["query_id", "sample", "budget"]).reset_index(drop=True)
-    rollout(make_params(tmp_path, shard_size=5, temperature=0.8000001), backend_factory=factory([]), progress=False)
+    # a (meaningless) settings change makes the second run regenerate every query, in one shard
+    calls = []
+    rollout(make_params(tmp_path, shard_size=5, temperature=0.8000001), backend_factory=factory(calls),
+            progress=False)
+    assert calls == [sorted(a["query_id"].unique())] and list((tmp_path / "rollouts").glob("m.stale-*"))
+    assert len(list((tmp_path / "rollouts" / "m").glob("shard-*.parquet"))) == 1
     b = records(tmp_path).sort_values(["query_id", "sample", "budget"]).reset_index(drop=True)
-    assert a["seed"].tolist() == b["seed"].tolist()
+    # every record is identical: samples depend on the query's seed, not on what shares a shard
+    pd.testing.assert_frame_equal(a, b)

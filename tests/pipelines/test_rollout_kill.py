@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.queries import Query, write_queries
+from pipelines.artifacts import write_queries
+from pipelines.queries import Query
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGETS = [0, 4, 8]

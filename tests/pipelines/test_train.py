@@ -29,20 +29,23 @@ def outcome_table(path, n=90, seed=0):
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def params_for(tmp, table, **extra):
-    raw = {
+def raw_params(tmp, table, **extra) -> dict:
+    return {
         "seed": 0,
         "data": {"outcomes": str(table), "split": [0.5, 0.25, 0.25]},
         "prepare": {"out": str(tmp / "queries.parquet"), "report": str(tmp / "prepare.json")},
         "rollout": {"out": str(tmp / "rollouts"), "metrics": str(tmp / "rollout.json")},
         "label": {"out": str(tmp / "outcomes.parquet"), "tiers_out": str(tmp / "tiers.json"),
-                  "report": str(tmp / "label.json")},
+                  "report": str(tmp / "label.json"), "metrics": str(tmp / "label_metrics.json")},
         "featurize": {"out": str(tmp / "features.parquet"), "embedding": "none"},
         "train": {"out_dir": str(tmp / "train"), "metrics": str(tmp / "train.json"),
                   "candidates": ["constant", "logreg", "lgbm_per_tier", "lgbm_joint"]},
         **extra,
     }
-    return parse_params(raw)
+
+
+def params_for(tmp, table, **extra):
+    return parse_params(raw_params(tmp, table, **extra))
 
 
 def run_to_train(p):
@@ -97,8 +100,10 @@ def test_splits_disjoint_and_test_split_never_read(tmp_path):
 
 
 def test_featurize_embeds_only_new_queries(tmp_path):
-    from pipelines.featurize import featurize, read_features
-    from pipelines.queries import Query, write_queries
+    from pipelines.artifacts import read_features
+    from pipelines.featurize import featurize
+    from pipelines.artifacts import write_queries
+    from pipelines.queries import Query
 
     qs = [Query.create(f"How many apples are in {i} baskets of 3?", str(3 * i), "gsm8k", "t") for i in range(25)]
     p = parse_params({"prepare": {"out": str(tmp_path / "q.parquet")},
@@ -116,8 +121,10 @@ def test_featurize_embeds_only_new_queries(tmp_path):
 
 def test_featurize_with_the_static_embedding_recomputes_and_matches_the_runtime_encoder(tmp_path, monkeypatch):
     import pipelines.static_distill as sd
-    from pipelines.featurize import featurize, read_features
-    from pipelines.queries import Query, write_queries
+    from pipelines.artifacts import read_features
+    from pipelines.featurize import featurize
+    from pipelines.artifacts import write_queries
+    from pipelines.queries import Query
     from router.featurizer import MINILM_STATIC
     from router.static_encoder import StaticEncoder
 

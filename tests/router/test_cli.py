@@ -81,6 +81,12 @@ def test_bad_arguments_exit_2_without_traceback(built):
         assert out.returncode == 2 and "Traceback" not in out.stderr and "usage:" in out.stderr, args
 
 
+def test_bad_caps_exit_2_naming_the_cap(built):
+    out = run("route", "x", "--bundle", str(built.path), "--max-cost", "nan")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "max_cost must be a finite number" in out.stderr
+
+
 def test_serve_answers_on_loopback_and_stops_on_interrupt(built):
     p = subprocess.Popen([sys.executable, "-m", "router", "serve", "--bundle", str(built.path), "--port", "0"],
                          cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -16,7 +16,7 @@ from pipelines.backends.base import (
 )
 from pipelines.config import ModelConfig
 from pipelines.queries import Query
-from pipelines.rollout import ModelPlan, result_records
+from pipelines.rollout.work import ModelPlan, result_records
 from router.decision import Decision
 from router.executor import execute, extract_answer
 from router.vote import vote_correct_fraction
@@ -112,6 +112,9 @@ def test_a_missing_forced_answer_is_a_backend_error():
 @pytest.mark.parametrize("budget,samples", [(0, 1), (0, 3), (4, 1), (8, 4), (16, 5)])
 def test_matches_the_label_records_of_the_same_one_pass(budget, samples):
     """What the executor makes of a one-pass result is what result_records labeled it."""
+    import pandas as pd
+
+    from pipelines.label import score_records
     from pipelines.verifiers import score
 
     query = Query.create("What is 2 + 2?", "4", "gsm8k", "t")
@@ -121,7 +124,7 @@ def test_matches_the_label_records_of_the_same_one_pass(budget, samples):
     plan = ModelPlan("scripted", ModelConfig(), (budget,), samples, ())
     req = OnePassRequest("q", "PROMPT", samples, (budget,), 5)
     (res,) = ScriptedBackend().one_pass([req], SamplingConfig())
-    recs = result_records(plan, query, res, req)
+    recs = score_records(pd.DataFrame(result_records(plan, res, req)), {"q": query}).to_dict("records")
     assert [s["vote_key"] for s in out["samples"]] == [r["vote_key"] for r in recs]
     assert [s["tokens"] for s in out["samples"]] == [r["tokens"] for r in recs]
     assert out["tokens"] == sum(r["tokens"] for r in recs)

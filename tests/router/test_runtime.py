@@ -157,6 +157,17 @@ def test_unsatisfiable_caps_fall_back_to_the_cheapest_tier(built, r_onnx):
         r_onnx.route("What is 1 + 1?", max_tokens=5)
 
 
+def test_a_caps_value_routes_like_keyword_caps(built, r_onnx):
+    from router import Caps
+
+    texts = built.texts[:20] + ["", "Describe the smell of rain on hot asphalt in the style of a sonnet."]
+    for kw in ({"max_budget": 64}, {"models": ["big"]}, {"max_cost": 60.0, "max_samples": 1}, {}):
+        assert r_onnx.route_batch(texts, caps=Caps(**kw)) == r_onnx.route_batch(texts, **kw), kw
+    assert r_onnx.route(texts[0], caps={"max_budget": 0}).budget == 0
+    d = r_onnx.fallback(Caps(max_budget=0))
+    assert d.budget == 0 and d.reason == "fallback:error" and d.p_correct is None
+
+
 def test_empty_query_fallback_respects_caps(r_onnx):
     d = r_onnx.route("", models=["big"])
     assert d.model == "big"

@@ -159,11 +159,11 @@ def test_one_pass_against_llama_cpp_server(server):
     s = results[0].samples[0]
     b = 4 if 4 in s.forced else 0
     prefix = reqs[0].prompt + ("".join(tokens[("q0", 0)][:b]) + reqs[0].force_suffix if b else reqs[0].direct_prefix)
-    from pipelines.backends.llamacpp import _mix_seed
+    from pipelines.backends.base import mix_seed
 
     # greedy forced answers: a replay is robust to the server's tiny float differences between calls
     body = {"prompt": prefix, "max_tokens": reqs[0].answer_tokens, "temperature": 0.0, "top_p": 0.95,
-            "seed": _mix_seed(reqs[0].seed, 0, b), "stop": ["\n", "<|im_end|>", "<|im_start|>"], "logprobs": 1}
+            "seed": mix_seed(reqs[0].seed, 0, b), "stop": ["\n", "<|im_end|>", "<|im_start|>"], "logprobs": 1}
     replay = httpx.post(f"{server}/completions", json=body, timeout=120).json()["choices"][0]["text"]
     assert replay == s.forced[b].text
 

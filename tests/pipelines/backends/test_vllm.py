@@ -207,9 +207,10 @@ def test_greedy_with_several_samples_gives_identical_samples(smol):
 
 
 def test_rollout_stage_with_backend_vllm_resumes_after_a_crash(smol, tmp_path):
-    from pipelines.queries import Query, write_queries
+    from pipelines.artifacts import write_queries
+    from pipelines.queries import Query
     from pipelines.rollout import rollout
-    from pipelines.shards import shard_files
+    from pipelines.artifacts import shard_files
 
     qs = [Query.create(f"What is {a} + {b}?", str(a + b), "gsm8k", "t") for a, b in ((3, 4), (12, 9), (25, 17))]
     write_queries(qs, tmp_path / "queries.parquet")

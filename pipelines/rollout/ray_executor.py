@@ -1,7 +1,7 @@
 """Rollouts on a Ray cluster: chunks of whole queries spread over actors that each hold a backend.
 
 ``rollout.executor: ray`` runs the same unit of work as the local executor
-(:func:`pipelines.rollout.rollout_chunk` on ``rollout.shard_size`` queries) on a pool of Ray
+(:func:`pipelines.rollout.work.rollout_chunk` on ``rollout.shard_size`` queries) on a pool of Ray
 actors, one loaded backend per actor: llama.cpp actors reserve CPUs, vLLM actors one GPU each
 (one engine per GPU). The output contract is the local executor's: the same content-addressed
 shards, so ``metrics/rollout.json``, resume after a crash and per-query seeds carry over.
@@ -31,10 +31,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.backends.base import RolloutError
+from router.generation import RolloutError
 from pipelines.config import Params, RolloutConfig
 from pipelines.queries import Query
-from pipelines.rollout import ModelPlan, chunks, rollout_chunk
+from pipelines.rollout.work import ModelPlan, chunks, rollout_chunk
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _drive(ray, workers: list[WorkerSlot], work: list[list[Query]], out_dir: Pat
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
     from tqdm import tqdm
 
-    from pipelines.shards import write_shard
+    from pipelines.artifacts import write_shard
 
     pending = deque(range(len(work)))
     attempts = [0] * len(work)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import ConfigError, Params
-from pipelines.rollout import ModelPlan, plan_rollout
+from pipelines.rollout.work import ModelPlan, plan_rollout
 
 def check_models(params: Params, plans: list[ModelPlan]) -> None:
     """Every planned model names a registered backend, a known template and valid options."""
@@ -80,7 +80,7 @@ def count_queries(params: Params) -> tuple[int | None, str]:
 
 def _prepared_count(params: Params) -> tuple[int | None, str]:
     """Queries in ``prepare.out`` if it exists and matches the params' sources (else why not)."""
-    from pipelines.queries import read_queries
+    from pipelines.artifacts import read_queries
 
     path = Path(params.prepare.out)
     if not path.exists():
@@ -131,7 +131,7 @@ def _estimate_from_sources(params: Params) -> tuple[int | None, str]:
 
 def _check_source(src: Any, i: int) -> None:
     """The keys prepare needs; files may be missing still (a plan is made before downloading)."""
-    from pipelines.datasets import REQUIRED_KEYS, SOURCE_KEYS
+    from pipelines.config import REQUIRED_KEYS, SOURCE_KEYS
 
     where = f"data.sources[{i}]"
     if not isinstance(src, dict) or src.get("kind") not in SOURCE_KEYS:
@@ -179,9 +179,7 @@ def measured_for(measured: dict | None, plan: ModelPlan) -> tuple[dict | None, s
         return None, "no previous rollout measured it"
     if measured.get("model") != plan.model or measured.get("backend") != plan.config.backend:
         return None, f"the previous rollout measured {measured.get('model')!r} ({measured.get('backend')}), not this model"
-    prefix = f"{plan.model}-b"
-    budgets = sorted(int(k[len(prefix):]) for k in measured.get("single_sample_accuracy") or {}
-                     if k.startswith(prefix) and k[len(prefix):].isdigit())
+    budgets = sorted(int(b) for b in (measured.get("budgets") or {}).get(plan.model, []))
     if tuple(budgets) != plan.budgets:
         return None, f"the previous rollout ran budgets {budgets}, not {list(plan.budgets)}"
     return {
@@ -341,14 +339,15 @@ def _read_measured(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it or rerun the rollout") from e
 
 
-def run_plan(params_file: str, tokens_per_second: float | None = None, as_json: bool = False) -> int:
+def run_plan(params_file: str, tokens_per_second: float | None = None, as_json: bool = False,
+             overrides=()) -> int:
     """``rollout --plan``: print the plan; 0 if the params are valid, 2 (one line on stderr) if not."""
     import yaml
 
     from pipelines.config import load_params
 
     try:
-        params = load_params(params_file)
+        params = load_params(params_file, overrides)
         if params.data.outcomes:
             plan = {"skipped": f"data.outcomes ({params.data.outcomes}) replaces the rollout"}
             queries_from = ""
