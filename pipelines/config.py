@@ -289,12 +289,53 @@ TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
 RETIRED = {"router": "the `router` section was never read by any stage; delete it"}
 
 
+@dataclass(frozen=True)
+class AdaptiveBlock:
+    """One adaptive tier (``router/adaptive.py``) under ``tiers.adaptive``."""
+
+    kind: str  # vote_until | cascade
+    model: str | None = None  # vote_until: the model sampled
+    budget: int | None = None  # vote_until: the budget of every sample
+    agree: int = 2  # vote_until: stop once this many answers agree
+    max_samples: int | None = None  # vote_until: at most this many samples (k)
+    step: int = 1  # vote_until: samples drawn per step (in parallel)
+    chain: tuple = ()  # cascade: names of declared static tiers, cheapest first
+    name: str | None = None  # default: the canonical name (router.tiers)
+
+
+TIERS_KEYS = ("grid", "list", "adaptive")
+
+
+def _adaptive_tier(block: AdaptiveBlock, static: dict[str, Tier], models: dict, where: str) -> Tier:
+    from router.tiers import cascade_name, vote_until_name
+
+    if block.kind == "vote_until":
+        if block.model not in models:
+            raise ConfigError(f"{where}: unknown model {block.model!r}; declared: {sorted(models)}")
+        if block.budget is None or block.max_samples is None:
+            raise ConfigError(f"{where}: vote_until needs budget and max_samples")
+        name = block.name or vote_until_name(block.model, int(block.budget), int(block.agree),
+                                             int(block.max_samples), int(block.step))
+        return Tier(name, block.model, int(block.budget), int(block.max_samples),
+                    models[block.model].cost_per_token, kind="vote_until", agree=int(block.agree), step=int(block.step))
+    if block.kind == "cascade":
+        missing = [c for c in block.chain if c not in static]
+        if missing or len(block.chain) < 2:
+            raise ConfigError(f"{where}: a cascade chains at least two declared static tiers; unknown: {missing}; "
+                              f"declared: {sorted(static)}")
+        stages = [static[c] for c in block.chain]
+        return Tier(block.name or cascade_name(block.chain), stages[0].model, max(t.budget for t in stages),
+                    max(t.samples for t in stages), stages[0].cost_per_token, kind="cascade", chain=tuple(block.chain))
+    raise ConfigError(f"{where}: unknown kind {block.kind!r}; choose vote_until or cascade")
+
+
 def expand_tiers(tiers: dict, models: dict) -> list[Tier]:
+    """Static tiers (grid, list) by (model, budget, samples), then the adaptive ones."""
     if not tiers:
         return []
-    unknown = set(tiers) - {"grid", "list"}
+    unknown = set(tiers) - set(TIERS_KEYS)
     if unknown:
-        raise ConfigError(f"tiers: unknown key(s) {sorted(unknown)}; valid keys are ['grid', 'list']")
+        raise ConfigError(f"tiers: unknown key(s) {sorted(unknown)}; valid keys are {list(TIERS_KEYS)}")
     out: list[Tier] = []
     for i, block in enumerate(tiers.get("grid") or []):
         b = build(GridBlock, block, f"tiers.grid[{i}]")
@@ -316,11 +357,19 @@ def expand_tiers(tiers: dict, models: dict) -> list[Tier]:
             out.append(Tier.from_dict(t))
         except (KeyError, ValueError) as e:
             raise ConfigError(f"tiers.list[{i}]: {e}") from e
+    out.sort(key=lambda t: (t.model, t.budget, t.samples))
+    static = {t.name: t for t in out}
+    for i, block in enumerate(tiers.get("adaptive") or []):
+        where = f"tiers.adaptive[{i}]"
+        try:
+            out.append(_adaptive_tier(build(AdaptiveBlock, block, where), static, models, where))
+        except ValueError as e:  # the Tier's own checks (agree <= max_samples ...)
+            raise ConfigError(f"{where}: {e}") from e
     names = [t.name for t in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"tiers: duplicate tier name(s) {sorted(dup)}")
-    return sorted(out, key=lambda t: (t.model, t.budget, t.samples))
+    return out
 
 
 def parse_params(raw: dict) -> Params:
@@ -414,9 +463,9 @@ def apply_override(raw: dict, item: str) -> None:
         elif schema is Params and part == "tiers":
             child_schema = "tiers"
         elif schema == "tiers":
-            if part not in ("grid", "list"):
-                raise ConfigError(f"--set {key}: unknown key {part!r} under tiers; valid keys are ['grid', 'list']")
-            child_schema = GridBlock if part == "grid" else _FREE
+            if part not in TIERS_KEYS:
+                raise ConfigError(f"--set {key}: unknown key {part!r} under tiers; valid keys are {list(TIERS_KEYS)}")
+            child_schema = {"grid": GridBlock, "adaptive": AdaptiveBlock}.get(part, _FREE)
         elif schema is _FREE:
             child_schema = _FREE
         elif dataclasses.is_dataclass(schema):

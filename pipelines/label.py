@@ -11,15 +11,18 @@ optional ``split``.
 
 from __future__ import annotations
 
-import zlib
 import logging
-from typing import Any
+import zlib
+from typing import TYPE_CHECKING, Any
 
 from pipelines import artifacts
 from pipelines.config import Params
 from pipelines.queries import Query
 from pipelines.tracking import NULL_RUN, run_stage
 from router.tiers import Tier
+
+if TYPE_CHECKING:
+    from pipelines.adaptive import Samples
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def outcomes_from_records(df, tiers: list[Tier], split_of: dict[str, str]):
 
     rows = []
     by_model = {m: g for m, g in df.groupby("model")}
-    for t in tiers:
+    for t in (t for t in tiers if not t.adaptive):
         g = by_model.get(t.model)
         if g is None:
             raise ValueError(f"tier {t.name}: no rollout records for model {t.model!r}")
@@ -95,7 +98,56 @@ def outcomes_from_records(df, tiers: list[Tier], split_of: dict[str, str]):
                 "latency_tokens": expected_subset_max(tokens, t.samples),
                 "cost": cost_tokens * t.cost_per_token,
             })
+    rows += adaptive_rows(df, tiers, split_of)
     return pd.DataFrame(rows, columns=list(artifacts.OUTCOME_COLUMNS))
+
+
+def samples_of(df) -> dict[tuple[str, str], "Samples"]:
+    """Per (query, model): its n samples at every budget, as the adaptive labels read them."""
+    from pipelines.adaptive import Samples
+
+    out = {}
+    for (qid, model), g in df.groupby(["query_id", "model"], sort=True):
+        n = int(g["sample"].nunique())
+        s = Samples(n=n, correct_keys={k for k, c in zip(g["vote_key"], g["correct"]) if c and isinstance(k, str)})
+        for b, gb in g.groupby("budget"):
+            gb = gb.sort_values("sample")
+            if len(gb) != n:
+                raise ValueError(f"query {qid} ({model}): {len(gb)} records at budget {b}, expected {n}")
+            s.keys[int(b)] = [k if isinstance(k, str) else None for k in gb["vote_key"]]
+            s.tokens[int(b)] = gb["tokens"].astype(float).tolist()
+            s.reasoning[int(b)] = gb["reasoning_tokens"].astype(float).tolist()
+            s.forced[int(b)] = gb["forced"].astype(bool).tolist()
+        out[(qid, model)] = s
+    return out
+
+
+def adaptive_rows(df, tiers: list[Tier], split_of: dict[str, str]) -> list[dict]:
+    """Outcome rows of the adaptive tiers: expectations over sample arrival orders, from the
+    same records (``pipelines/adaptive.py``); nothing is generated for them."""
+    from pipelines.adaptive import Stage, cascade, vote_until
+
+    adaptive = [t for t in tiers if t.adaptive]
+    if not adaptive:
+        return []
+    by_name = {t.name: t for t in tiers}
+    samples = samples_of(df)
+    queries = sorted({q for q, _ in samples})
+    rows = []
+    for t in adaptive:
+        for qid in queries:
+            seed = zlib.crc32(f"{qid}:{t.name}".encode())
+            if t.kind == "vote_until":
+                o = vote_until(samples[(qid, t.model)], t.budget, t.agree, t.samples, t.step,
+                               price=t.cost_per_token, seed=seed)
+            else:
+                stages = [by_name[c] for c in t.chain]
+                o = cascade([Stage(s.model, s.budget, s.samples, s.cost_per_token, s.budget) for s in stages],
+                            {s.model: samples[(qid, s.model)] for s in stages}, seed=seed)
+            rows.append({"query_id": qid, "split": split_of[qid], "tier": t.name, "model": t.model,
+                         "budget": t.budget, "samples": t.samples, "p_correct": o.p_correct,
+                         "cost_tokens": o.cost_tokens, "latency_tokens": o.latency_tokens, "cost": o.cost})
+    return rows
 
 
 def tier_order(out) -> list[str]:

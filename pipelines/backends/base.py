@@ -115,6 +115,10 @@ class OnePass:
         self.prompts: list[Any] = [None] * len(self.requests)  # the engine's form of each prompt, for force
         self.prompt_tokens = [0] * len(self.requests)
         self.completions: list[list[Completion | None]] = [[None] * r.n for r in self.requests]
+        # set by ``Backend.one_pass_stream`` on engines that force in place: called with a request's
+        # index the moment its last sample (with every forced answer) is put
+        self.on_request_done: Callable[[int], None] | None = None
+        self._left = [r.n for r in self.requests]
 
     # ------------------------------------------------------------------ the rules
 
@@ -169,7 +173,11 @@ class OnePass:
     # ------------------------------------------------------------------ what the engine produced
 
     def put(self, request: int, index: int, completion: Completion) -> None:
+        if self.completions[request][index] is None:
+            self._left[request] -= 1
         self.completions[request][index] = completion
+        if self.on_request_done is not None and self._left[request] == 0:
+            self.on_request_done(request)
 
     def missing_answers(self) -> list[ForceJob]:
         """Every forced answer the rule asks for that the engine has not given yet, in request,
@@ -188,16 +196,18 @@ class OnePass:
         return {(r.key, i): c.tokens for r, comps in zip(self.requests, self.completions)
                 for i, c in enumerate(comps)}
 
+    def result(self, q: int) -> OnePassResult:
+        """The ``OnePassResult`` of request ``q`` (every sample must have been put)."""
+        r = self.requests[q]
+        return OnePassResult(key=r.key, prompt_tokens=int(self.prompt_tokens[q]), samples=tuple(
+            SampleResult(index=i, seed=self.sample_seed(q, i), text=c.text, n_tokens=c.n_tokens,
+                         finished=c.finished, forced=dict(sorted(c.forced.items())))
+            for i, c in enumerate(self.completions[q])
+        ))
+
     def results(self) -> list[OnePassResult]:
         """``OnePassResult`` per request, in request order."""
-        return [
-            OnePassResult(key=r.key, prompt_tokens=int(self.prompt_tokens[q]), samples=tuple(
-                SampleResult(index=i, seed=self.sample_seed(q, i), text=c.text, n_tokens=c.n_tokens,
-                             finished=c.finished, forced=dict(sorted(c.forced.items())))
-                for i, c in enumerate(self.completions[q])
-            ))
-            for q, r in enumerate(self.requests)
-        ]
+        return [self.result(q) for q in range(len(self.requests))]
 
 
 class Backend(ABC):
@@ -212,6 +222,10 @@ class Backend(ABC):
     name: str = "base"
     #: the frozen dataclass ``ModelConfig.options`` is built into, with ``from_dict``
     options_type: type | None = None
+    #: True for engines whose ``sample`` puts each sample with all its forced answers (llama.cpp):
+    #: ``one_pass_stream`` then hands out each request the moment it completes, over one
+    #: continuous batch of every request
+    forces_in_place: bool = False
 
     def __init__(self, model_id: str, config=None):
         self.model_id = model_id
@@ -254,6 +268,28 @@ class Backend(ABC):
         """Roll out every request at all its budgets; results are in request order."""
         return self._run(requests, sampling, force=True).results()
 
+    def one_pass_stream(self, requests: list[OnePassRequest], sampling: SamplingConfig,
+                        on_result: Callable[[OnePassResult], None], *, chunk: int = 8) -> None:
+        """Roll out every request, calling ``on_result`` with each request's result as soon as it
+        is complete (in completion order, not request order).
+
+        An engine that forces answers in place runs all requests as one continuous batch, so the
+        batch stays full across what the caller writes as separate shards. Others run ``one_pass``
+        on ``chunk`` requests at a time. Either way a request's result does not depend on which
+        other requests shared its batch (the engines' determinism contract).
+        """
+        if not self.forces_in_place:
+            for lo in range(0, len(requests), max(1, chunk)):
+                for result in self.one_pass(requests[lo:lo + chunk], sampling):
+                    on_result(result)
+            return
+        run = self._prepare(requests, sampling, force=True)
+        run.on_request_done = lambda q: on_result(run.result(q))
+        self.sample(run)
+        if run.missing_answers():  # pragma: no cover - the in-place contract
+            raise RolloutError(f"internal: backend {self.name!r} left forced answers undone while streaming")
+        self.last_completion_tokens_ = run.completion_tokens()
+
     def generate(self, prompt: str, n: int, max_tokens: int, seed: int, temperature: float, stop=(), *,
                  top_p: float = 0.95, top_k: int = 0) -> list[tuple[str, int, bool]]:
         """Sample ``n`` completions of ``prompt``: [(text, n_tokens, finished)], sample i seeded seed + i.
@@ -267,13 +303,16 @@ class Backend(ABC):
         run = self._run([request], sampling, force=False)
         return [(c.text, c.n_tokens, c.finished) for c in run.completions[0]]
 
-    def _run(self, requests: list[OnePassRequest], sampling: SamplingConfig, *, force: bool) -> OnePass:
+    def _prepare(self, requests: list[OnePassRequest], sampling: SamplingConfig, *, force: bool) -> OnePass:
         self._check_open()
         for r in requests:
             check_request(r)
             if not r.prompt:
                 raise ValueError(f"request {r.key!r}: the prompt is empty")
-        run = OnePass(requests, sampling, self.stops(sampling), self.answer_stops, force=force)
+        return OnePass(requests, sampling, self.stops(sampling), self.answer_stops, force=force)
+
+    def _run(self, requests: list[OnePassRequest], sampling: SamplingConfig, *, force: bool) -> OnePass:
+        run = self._prepare(requests, sampling, force=force)
         self.sample(run)
         jobs = run.missing_answers()
         if jobs:

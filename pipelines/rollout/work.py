@@ -41,6 +41,8 @@ def plan_rollout(params: Params) -> list[ModelPlan]:
     if params.rollout.shard_size < 1:
         raise ValueError("rollout.shard_size must be >= 1")
     plans = []
+    # a cascade runs declared static tiers, which the plan covers already
+    tiers = [t for t in tiers if t.kind != "cascade"]
     for model in sorted({t.model for t in tiers}):
         mt = tuple(t for t in tiers if t.model == model)
         kmax = max(t.samples for t in mt)

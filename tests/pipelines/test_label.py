@@ -106,3 +106,26 @@ def test_label_scores_records_with_the_verifier_not_the_rollout():
     wrong = score_records(rec, {"q": Query("q", "6 * 2?", "13", "gsm8k", "t", "train")})
     assert right["correct"].tolist() == [True, True] and wrong["correct"].tolist() == [False, False]
     assert right["vote_key"].tolist() == ["12", "12"]
+
+
+def test_adaptive_tiers_are_labelled_from_the_same_records():
+    from pipelines.adaptive import Samples, Stage, cascade, vote_until
+
+    df = records()
+    df["reasoning_tokens"] = np.where(df["budget"] == 0, 0, df["tokens"])
+    df["forced"] = df["budget"] == 0
+    static = [Tier("m-b0-k2", "m", 0, 2, 2.0), Tier("m-b8-k3", "m", 8, 3, 2.0)]
+    vu = Tier("m-b8-a2k4", "m", 8, 4, 2.0, kind="vote_until", agree=2)
+    cas = Tier("m-b0-k2-then-m-b8-k3", "m", 8, 3, 2.0, kind="cascade", chain=("m-b0-k2", "m-b8-k3"))
+    out = outcomes_from_records(df, static + [vu, cas], {"a": "val"}).set_index("tier")
+    s = Samples(n=4, correct_keys={"3"}, keys={0: ["1", "1", "2", "1"], 8: ["3", "3", "5", None]},
+                tokens={0: [2.0] * 4, 8: [6.0, 8.0, 8.0, 8.0]}, reasoning={0: [0.0] * 4, 8: [6.0, 8.0, 8.0, 8.0]},
+                forced={0: [True] * 4, 8: [False] * 4})
+    want = vote_until(s, 8, 2, 4, price=2.0)
+    assert out.loc[vu.name, "p_correct"] == pytest.approx(want.p_correct)
+    assert out.loc[vu.name, "cost"] == pytest.approx(want.cost) and out.loc[vu.name, "split"] == "val"
+    # never more than the static tier that always draws 4 would cost
+    assert out.loc[vu.name, "cost_tokens"] < 4 * np.mean([6, 8, 8, 8])
+    want = cascade([Stage("m", 0, 2, 2.0, 0), Stage("m", 8, 3, 2.0, 8)], {"m": s})
+    assert out.loc[cas.name, "p_correct"] == pytest.approx(want.p_correct)
+    assert out.loc[cas.name, "latency_tokens"] == pytest.approx(want.latency_tokens)

@@ -180,6 +180,22 @@ class CleanGreedy:
 
 
 @pytest.mark.slow
+def test_stream_hands_out_each_request_when_done_with_the_one_pass_results(smol, smol_results):
+    """One continuous batch over every request (what keeps the rollout's batch full across
+    shards): each result arrives once, as its request completes, equal to one_pass's."""
+    together, _, _ = smol_results
+    got = {}
+
+    def on_result(res):
+        assert res.key not in got  # exactly once
+        got[res.key] = res
+
+    smol.one_pass_stream([request(0), request(1), request(2)], SamplingConfig(force_temperature=0.0), on_result)
+    assert sorted(got) == ["q0", "q1", "q2"]
+    assert [got[r.key] for r in together] == together
+
+
+@pytest.mark.slow
 def test_forced_answer_equals_a_clean_decode_of_prefix_and_suffix(smol, smol_results):
     together, _, tokens = smol_results
     ref = CleanGreedy(smol.model_path)
