@@ -38,6 +38,8 @@ CANDIDATES = {
 # graded difficulty: easy items some models answer directly, harder ones that need reasoning
 TASKS = {
     "sum2x1": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
+    "sum3x1": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
+    "sum2x2": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2}),
     "sum3x2": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 2, "max_digits": 2}),
     "sum4x2": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 2, "max_digits": 2}),
     "prod1x1": ("products", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),

@@ -34,6 +34,19 @@ def render_prompt(template: str, system: str, question: str) -> str:
     raise ValueError(f"unknown prompt template {template!r}; choose one of {list(TEMPLATES)}")
 
 
+def direct_prefix(template: str, prefix: str) -> str:
+    """What budget 0 appends straight after the rendered prompt to force a direct answer.
+
+    A few-shot prompt ends with "Answer:" and its examples continue with a space ("Answer: 12 +
+    7 = 19."), so the direct prefix gets that space too: without it the model sees
+    "Answer:The final answer is", a token sequence its examples never showed (measured on Gemma 3
+    270M: direct accuracy 0.065 on the default study's tasks).
+    """
+    if template == "fewshot" and prefix and not prefix[0].isspace():
+        return " " + prefix
+    return prefix
+
+
 def stop_strings(template: str) -> tuple[str, ...]:
     """Strings that end a completion in this template (besides the model's EOS)."""
     if template == "chatml":

@@ -216,6 +216,37 @@ def model_figures(plan: ModelPlan, n_queries: int, answer_tokens: int, measured:
     }
 
 
+def adaptive_figures(params: Params, labelled: dict | None = None) -> list[dict[str, Any]]:
+    """What serving each adaptive tier costs per query: worst case (no early stop, every cascade
+    stage runs, every sample to its budget with a forced answer at every stage; a cascade's later
+    stage of the same model continues the earlier stage's samples) and expected case (the mean cost
+    a previous label stage measured for the tier, ``metrics/label.json``). Adaptive tiers are
+    labelled from the one pass's samples: they add nothing to the rollout."""
+    answer = params.rollout.answer_tokens
+    tiers = params.tier_list()
+    by_name = {t.name: t for t in tiers}
+    measured = (labelled or {}).get("tier_mean_cost") or {}
+    out = []
+    for t in (t for t in tiers if t.adaptive):
+        if t.kind == "vote_until":
+            tokens = t.samples * (t.budget + answer)
+            price = t.cost_per_token
+            cost = tokens * price
+        else:
+            reach: dict[tuple[str, int], int] = {}  # (model, sample) -> deepest budget reached
+            cost = tokens = 0.0
+            for stage in (by_name[c] for c in t.chain):
+                for i in range(stage.samples):
+                    before = reach.get((stage.model, i), 0)
+                    new = max(0, stage.budget - before) + answer
+                    reach[(stage.model, i)] = max(before, stage.budget)
+                    tokens += new
+                    cost += new * stage.cost_per_token
+        out.append({"tier": t.name, "kind": t.kind, "tokens_worst_per_query": tokens, "cost_worst_per_query": cost,
+                    "cost_expected_per_query": measured.get(t.name)})
+    return out
+
+
 def _total(models: list[dict], way: str, rate: float | None) -> dict[str, Any]:
     blocks = [m[way] for m in models]
     total = {k: sum(b[k] for b in blocks) for k in ("prompts", "tokens_worst", "cost_worst")}
@@ -242,7 +273,7 @@ def _rate(plans: list[ModelPlan], measured: dict | None, tokens_per_second: floa
 
 
 def make_plan(params: Params, n_queries: int | None, measured: dict | None = None,
-              tokens_per_second: float | None = None) -> dict[str, Any]:
+              tokens_per_second: float | None = None, labelled: dict | None = None) -> dict[str, Any]:
     """Tokens, cost and time of labelling the tier grid in one pass vs one run per tier.
 
     ``n_queries=None`` (unknown) gives the figures of one query. ``measured`` is a previous
@@ -262,6 +293,7 @@ def make_plan(params: Params, n_queries: int | None, measured: dict | None = Non
         "total": {"one_pass": one_pass, "per_tier": per_tier},
         "tokens_per_second": rate,
         "rate_from": rate_from,
+        "adaptive": adaptive_figures(params, labelled),
     }
 
 
@@ -326,11 +358,18 @@ def format_plan(plan: dict[str, Any], queries_from: str) -> str:
     lines.append(f"  per-tier / one pass: worst {_ratio(total, 'worst')}, expected {_ratio(total, 'expected')}")
     rate = plan["tokens_per_second"]
     lines.append(f"rate: {rate:,.1f} tokens/s ({plan['rate_from']})" if rate else f"rate: {plan['rate_from']}")
+    if plan.get("adaptive"):
+        lines += ["", "adaptive tiers (labelled from the one pass: no extra rollout; cost of serving one query)",
+                  "  {:<44}{:>12}{:>14}{:>16}".format("tier", "kind", "cost (worst)", "cost (expected)")]
+        for a in plan["adaptive"]:
+            exp = a["cost_expected_per_query"]
+            lines.append("  {:<44}{:>12}{:>14}{:>16}".format(a["tier"], a["kind"], _num(a["cost_worst_per_query"]),
+                                                             "-" if exp is None else f"{exp:,.1f}"))
     return "\n".join(lines)
 
 
 def _read_measured(path: Path) -> dict | None:
-    """A previous ``metrics/rollout.json``, if there is one."""
+    """A previous ``metrics/rollout.json`` (or ``metrics/label.json``), if there is one."""
     if not path.is_file():
         return None
     try:
@@ -353,7 +392,8 @@ def run_plan(params_file: str, tokens_per_second: float | None = None, as_json: 
             queries_from = ""
         else:
             n, queries_from = count_queries(params)
-            plan = make_plan(params, n, _read_measured(Path(params.rollout.metrics)), tokens_per_second)
+            plan = make_plan(params, n, _read_measured(Path(params.rollout.metrics)), tokens_per_second,
+                             _read_measured(Path(params.label.metrics)))
     except (ConfigError, ValueError, yaml.YAMLError) as e:
         print(f"rollout --plan: {params_file}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -43,7 +43,8 @@ def rollout_metrics(df, plans: list[ModelPlan], shard_metas: list[dict], wall: f
         generated, samples = 0, 0
     gen_seconds = sum(m.get("seconds", 0.0) for m in shard_metas)
     gen_tokens = sum(m.get("generated_tokens", 0) for m in shard_metas)
-    naive = naive_tokens(df, [t for p in plans for t in p.tiers]) if len(df) else 0.0
+    # what generating each static tier on its own would cost (adaptive tiers are labelled, not rolled out)
+    naive = naive_tokens(df, [t for p in plans for t in p.tiers if not t.adaptive]) if len(df) else 0.0
     return {
         "queries": int(df["query_id"].nunique()) if len(df) else 0,
         "samples": samples,

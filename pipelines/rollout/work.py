@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from pipelines.config import ModelConfig, Params
+from pipelines.prompts import direct_prefix, render_prompt
 from pipelines.queries import Query
 from router.generation import OnePassRequest, OnePassResult, SamplingConfig
 from router.tiers import Tier
@@ -77,7 +78,7 @@ def fingerprint_spec(plan: ModelPlan, params: Params) -> dict[str, Any]:
         "n": plan.n,
         "sampling": asdict(sampling_of(params)),
         "force_suffix": r.force_suffix,
-        "direct_prefix": r.direct_prefix,
+        "direct_prefix": direct_prefix(plan.config.template, r.direct_prefix),
         "answer_tokens": r.answer_tokens,
         "system_prompt": r.system_prompt,
         "seed": params.seed,
@@ -85,7 +86,6 @@ def fingerprint_spec(plan: ModelPlan, params: Params) -> dict[str, Any]:
 
 
 def build_requests(plan: ModelPlan, queries: list[Query], params: Params) -> list[OnePassRequest]:
-    from pipelines.prompts import render_prompt
 
     r = params.rollout
     return [
@@ -96,7 +96,7 @@ def build_requests(plan: ModelPlan, queries: list[Query], params: Params) -> lis
             budgets=plan.budgets,
             seed=query_seed(params.seed, q.query_id),
             force_suffix=r.force_suffix,
-            direct_prefix=r.direct_prefix,
+            direct_prefix=direct_prefix(plan.config.template, r.direct_prefix),
             answer_tokens=r.answer_tokens,
         )
         for q in queries

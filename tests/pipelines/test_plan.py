@@ -252,3 +252,23 @@ def test_plan_mode_imports_no_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rc, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rc == 0 and heavy == []
+
+
+def test_plan_counts_adaptive_tiers_worst_and_expected(tmp_path):
+    from pipelines.config import parse_params
+    from pipelines.rollout.planner import make_plan
+
+    p = parse_params({"models": {"m": {}}, "rollout": {"answer_tokens": 10},
+                      "tiers": {"grid": [{"model": "m", "budgets": [0, 32, 64], "samples": [1, 4]}],
+                                "adaptive": [{"kind": "vote_until", "model": "m", "budget": 64, "agree": 2,
+                                              "max_samples": 6},
+                                             {"kind": "cascade", "chain": ["m-b32-k1", "m-b64-k4"]}]}})
+    plan = make_plan(p, 10, labelled={"tier_mean_cost": {"m-b64-a2k6": 90.5}})
+    by = {a["tier"]: a for a in plan["adaptive"]}
+    assert by["m-b64-a2k6"]["tokens_worst_per_query"] == 6 * (64 + 10)
+    assert by["m-b64-a2k6"]["cost_expected_per_query"] == 90.5
+    # sample 0 reaches 32 then continues to 64 (32 more); samples 1-3 start at 64; 5 forced answers
+    assert by["m-b32-k1-then-m-b64-k4"]["tokens_worst_per_query"] == (32 + 10) + (32 + 10) + 3 * (64 + 10)
+    assert by["m-b32-k1-then-m-b64-k4"]["cost_expected_per_query"] is None
+    # the one pass covers what vote_until needs: 6 samples at budget 64
+    assert plan["models"][0]["n_max"] == 6

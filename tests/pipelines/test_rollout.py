@@ -127,3 +127,17 @@ def test_samples_do_not_depend_on_shard_size(tmp_path):
     b = records(tmp_path).sort_values(["query_id", "sample", "budget"]).reset_index(drop=True)
     # every record is identical: samples depend on the query's seed, not on what shares a shard
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_fewshot_direct_prefix_continues_the_examples_answer_format(tmp_path):
+    from pipelines.rollout.work import build_requests
+
+    qs = write_some_queries(tmp_path, n=1)
+    for template, want in (("fewshot", " The final answer is"), ("chatml", "The final answer is")):
+        p = parse_params({**{"seed": 1, "prepare": {"out": str(tmp_path / "queries.parquet")}},
+                          "models": {"m": {"backend": "llamacpp", "path": "x.gguf", "template": template}},
+                          "tiers": {"grid": [{"model": "m", "budgets": [0, 8], "samples": [1]}]}})
+        (plan,) = plan_rollout(p)
+        (req,) = build_requests(plan, qs, p)
+        assert req.forcing_text(0) == want and req.forcing_text(8) == "\nThe final answer is"
+        assert (req.prompt + req.forcing_text(0)).count("Answer: The final answer is") == (template == "fewshot")
