@@ -7,6 +7,7 @@ a typo in params never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,20 @@ def expand_tiers(tiers: dict, models: dict) -> list[Tier]:
     return out
 
 
+# a model's name is a params key: `--set models.NAME.path=...` and `dvc exp run -S` split keys at
+# dots, and DVC's (Hydra's) override grammar takes only these characters in a key
+MODEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def check_model_name(name: str) -> None:
+    if not MODEL_NAME.fullmatch(name):
+        tidy = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        tidy = tidy if MODEL_NAME.fullmatch(tidy) else f"m_{tidy}"
+        raise ConfigError(f"models.{name}: a model name may hold only letters, digits, '_' and '-' and must not "
+                          f"start with a digit, or `--set models.NAME.KEY=...` and `dvc exp run -S` cannot "
+                          f"address it; rename it, e.g. {tidy!r}")
+
+
 def parse_params(raw: dict) -> Params:
     """Validate a raw params mapping into :class:`Params`."""
     if not isinstance(raw, dict):
@@ -384,6 +399,7 @@ def parse_params(raw: dict) -> Params:
         raise ConfigError(f"params: unknown section(s) {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
     models = {}
     for name, m in (raw.get("models") or {}).items():
+        check_model_name(str(name))
         models[str(name)] = build(ModelConfig, m, f"models.{name}")
     sections = {}
     for key, cls in SECTIONS.items():

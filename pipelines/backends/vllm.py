@@ -186,6 +186,12 @@ class VllmBackend(Backend):
             gpu_memory_utilization=opts.gpu_memory_utilization, max_num_seqs=opts.n_parallel,
             block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
             kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
+            # CPU: no chunked prefill. After a partial prefill vLLM 0.32 rewinds the request's
+            # seeded torch.Generator with set_offset, which CPU generators lack ("CPU Generator
+            # does not use offset"): the engine died as soon as one call's seeded prompts
+            # overflowed max_num_batched_tokens (the GPU profile's forced answers, 16 queries).
+            # Unchunked, vLLM raises the token budget to at least max_model_len
+            enable_chunked_prefill=False if on_cpu else None,
         )
         if opts.kv_cache_memory_bytes is None and (opts.n_ctx is not None or on_cpu):
             kwargs["kv_cache_memory_bytes"] = self._kv_bytes(opts.n_ctx or _CPU_DEFAULT_KV_TOKENS)

@@ -194,7 +194,7 @@ def test_plan_of_the_gpu_profile(tmp_path):
 
 def test_gpu_profile_is_complete_and_writes_the_default_paths():
     gpu, default = load_params(GPU), load_params(REPO / "params.yaml")
-    assert gpu.model("qwen2.5-1.5b").backend == "vllm"
+    assert gpu.model("qwen2_5-1_5b").backend == "vllm"
     for name in ("prepare", "rollout", "label", "featurize", "train", "evaluate", "export"):
         paths = [{k: v for k, v in asdict(getattr(p, name)).items()
                   if k in ("out", "out_dir", "metrics", "report", "tiers_out", "plots_dir")} for p in (gpu, default)]
@@ -272,3 +272,59 @@ def test_plan_counts_adaptive_tiers_worst_and_expected(tmp_path):
     assert by["m-b32-k1-then-m-b64-k4"]["cost_expected_per_query"] is None
     # the one pass covers what vote_until needs: 6 samples at budget 64
     assert plan["models"][0]["n_max"] == 6
+
+
+# ---- the GPU profile broken on the command line: plan mode, the real CLI ------------------------
+
+GPU_MODEL = "models.qwen2_5-1_5b"
+# how a process started as `python -m MODULE ARGS...` exits, and which engines it imported by then
+WATCHED_MAIN = ("import json, runpy, sys\n"
+                "module, sys.argv = sys.argv[1], sys.argv[1:]\n"
+                "try:\n    runpy.run_module(module, run_name='__main__', alter_sys=True); rc = 0\n"
+                "except SystemExit as e:\n    rc = e.code\n"
+                f"print(json.dumps([rc, [m for m in {HEAVY!r} if m in sys.modules]]))")
+
+
+def run_watched(module: str, *args: str, cwd: Path) -> tuple[int, list[str], str]:
+    """(exit code, engine modules imported, stderr) of ``python -m module args``."""
+    proc = subprocess.run([sys.executable, "-c", WATCHED_MAIN, module, *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    rc, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rc, heavy, proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    # an option vLLM does not have (its real name: gpu_memory_utilization)
+    (f"{GPU_MODEL}.options.gpu_memory_util=0.8",
+     f"{GPU_MODEL}.options: vllm options: unknown key(s) ['gpu_memory_util']; valid keys are"),
+    (f"{GPU_MODEL}.template=qwen",
+     f"{GPU_MODEL}.template: unknown template 'qwen'; choose one of ['chatml', 'fewshot', 'raw']"),
+    # the profile's max_model_len is 5120: a budget of 8192 cannot fit one sequence
+    ("tiers.grid.0.budgets=[0, 1024, 8192]",
+     f"{GPU_MODEL}.options.max_model_len=5120 leaves no room for a prompt at budget 8192 + 32 answer tokens"),
+    ("rollout.n_max=8", "rollout.n_max=8 is below the largest tier sample count 16"),
+    ("data.max_querys=6", "unknown key 'max_querys' in data; valid keys are ['max_queries', 'outcomes'"),
+])
+def test_a_broken_gpu_profile_fails_the_plan_with_one_line_and_no_engine(tmp_path, override, message):
+    rc, heavy, err = run_watched("pipelines.rollout", "--params", str(GPU), "--plan", "--set", override, cwd=tmp_path)
+    assert rc == 2 and heavy == []
+    assert err.count("\n") == 1 and err.startswith(f"rollout --plan: {GPU}: ") and message in err, err
+
+
+def test_plan_takes_set_overrides(tmp_path):
+    proc = run_cli("--params", str(GPU), "--plan", "--json", "--set", "data.max_queries=10", "--set",
+                   "tiers.grid.0.budgets=[0, 64]", "--set", "tiers.grid.0.samples=[1, 2]", "--set", "rollout.n_max=2",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    a = load_params(GPU).rollout.answer_tokens  # 32: what the file says
+    assert plan["queries"] == 10 and plan["models"][0]["budgets"] == [0, 64]
+    # 10 queries x 2 samples x (64 + 32 answer tokens at each of 2 budgets)
+    assert plan["total"]["one_pass"]["tokens_worst"] == 10 * 2 * (64 + a * 2)
+
+
+def test_pipelines_all_refuses_an_unknown_key_before_any_stage(tmp_path):
+    rc, heavy, err = run_watched("pipelines", "all", "--params", str(GPU), "--set", "data.max_querys=6", cwd=tmp_path)
+    assert rc == 2 and heavy == [] and err.count("\n") == 1
+    assert "unknown key 'max_querys' in data; valid keys are ['max_queries', 'outcomes', 'sources', 'split']" in err
+    assert list(tmp_path.iterdir()) == []  # no stage ran: nothing written, no MLflow store

