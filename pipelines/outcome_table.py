@@ -105,6 +105,7 @@ class ImportedOutcomes:
     tiers: list[Tier]
     queries: list[Query]
     bad: list[dict[str, Any]]
+    own_split: bool = False  # the table gave its queries' splits (else: by hash of query_id)
 
 
 def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
@@ -137,6 +138,9 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
         order = sorted(mean_cost.index, key=lambda t: (float(mean_cost[t]), t))
         tiers = [Tier(name=t, model=t, budget=0, samples=1, cost_per_token=1.0) for t in order]
     names = [t.name for t in tiers]
+    if len(names) < 2:
+        raise ValueError(f"{path}: the table has {len(names)} tier ({names}); routing chooses between at least "
+                         f"two tiers")
     # every query needs every tier, or policies cannot be compared on it
     have = agg.groupby("query_id")["tier"].apply(set)
     incomplete = have[have.apply(lambda s: not set(names) <= s)]
@@ -162,4 +166,5 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
     agg["cost_tokens"] = agg["cost"] / price
     agg["latency_tokens"] = agg["cost_tokens"]  # the table has no sequence lengths: assume serial
     out = agg[list(OUTCOME_COLUMNS)].reset_index(drop=True)
-    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]))
+    own = bool(df["split"].notna().any())
+    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]), own_split=own)

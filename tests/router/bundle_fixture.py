@@ -98,7 +98,7 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     from pipelines.export import ood_reference, versions
     from pipelines.artifacts import Dataset
     from pipelines.config import TrainConfig
-    from pipelines.train import fit_cost, fit_success
+    from pipelines.learn import fit_cost, fit_success
     from router.bundle import write_manifest
     from router.featurizer import Featurizer, FeaturizerSpec
     from router.models import Clipped
