@@ -228,9 +228,46 @@ def router_quality(name: str = "router_quality") -> str:
     return router_quality_table(res)
 
 
+def featurizers() -> str:
+    """Routing quality per featurizer (bench.router_quality --embeddings ...) beside route latency
+    (bench.route_latency): one row per featurizer, one APGR column per table."""
+    res = _load("bench/results/router_quality_featurizers.json")
+    if not res:
+        return _missing("bench/results/router_quality_featurizers.json",
+                        "run `python -m bench.router_quality --embeddings ... --name router_quality_featurizers`")
+    lat = _load("bench/results/route_latency.json") or {}
+    where = {"all-MiniLM-L6-v2-static": ("static_1core", "static MiniLM table, 1 core"),
+             "all-MiniLM-L6-v2": ("onnx_1core", "MiniLM on ONNX Runtime, 1 core")}
+    tables = list(dict.fromkeys(_short(r["table"]) for r in res["tables"]))
+    out = ["| featurizer | " + " | ".join(f"{t} APGR (within groups)" for t in tables)
+           + " | featurize wall (cold) | route p50 / p99 |", "|---" * (len(tables) + 3) + "|"]
+    for emb in res["embeddings"]:
+        rows = {_short(r["table"]): r for r in res["tables"] if r["embedding"] == emb}
+        cells = []
+        for t in tables:
+            r = rows.get(t)
+            if r is None:
+                cells.append("n/a")
+                continue
+            w = r.get("within_groups")
+            cells.append(f"{_f(r['router']['apgr'], 3)}" + (f" ({_f(w['router']['apgr'], 3)})" if w else ""))
+        cold = sum(r["cold_wall_seconds"] - r["seconds"]["train"] - r["seconds"]["evaluate"]
+                   - r["seconds"]["prepare_label"] for r in rows.values())
+        key, name = where.get(emb, (None, None))
+        l = lat.get(key) if key else None
+        latency = (f"{l['route_ms']['p50']:.2f} / {l['route_ms']['p99']:.2f} ms ({name})" if l
+                   else "not measured (lexical counts only: no encoder)")
+        out.append(f"| {emb} | " + " | ".join(cells) + f" | {_duration(cold)} | {latency} |")
+    out += ["", f"APGR of the router trained on each featurizer, {res['tables'][0]['cv_folds'] or 'holdout'}"
+            f"-fold cross-fitted where the subsample has no split column of its own; first "
+            f"{res.get('max_queries') or 'all'} queries of each table by hash; {_meta(res)} "
+            "(`bench/results/router_quality_featurizers.json`, latency from `bench/results/route_latency.json`)."]
+    return "\n".join(out) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "router-quality": router_quality,
-    "router-featurizers": lambda: router_quality("router_quality_featurizers"),
+    "router-featurizers": lambda: featurizers(),
     "cpu-default": cpu_default,
     "route-latency": route_latency,
     "backends": backends,
