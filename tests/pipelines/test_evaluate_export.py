@@ -110,8 +110,8 @@ def test_registered_model_loads_by_alias(pipeline):
 
 @pytest.fixture(scope="module")
 def default_pipeline(tmp_path_factory):
-    """The export path a user gets by default: MiniLM features, the ONNX encoder shipped in the
-    bundle (with export's own parity check against sentence-transformers), every candidate."""
+    """The contextual export path: MiniLM features, the ONNX encoder shipped in the bundle (with
+    export's own parity check against sentence-transformers), every default candidate."""
     import yaml
 
     from pipelines import evaluate, export
@@ -123,7 +123,7 @@ def default_pipeline(tmp_path_factory):
                      evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 50,
                                "cv_folds": 0},
                      export={"out_dir": str(tmp / "router")})
-    raw["featurize"] = {"out": str(tmp / "features.parquet")}  # the default embedding and encoder
+    raw["featurize"] = {"out": str(tmp / "features.parquet"), "embedding": "all-MiniLM-L6-v2"}  # its default encoder
     raw["train"].pop("candidates")  # the default candidates, knn included
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     p = parse_params(raw)

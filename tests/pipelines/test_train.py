@@ -217,12 +217,14 @@ def test_featurize_with_the_static_embedding_recomputes_and_matches_the_runtime_
 
     qs = [Query.create(f"How many legs do {i} spiders have?", str(8 * i), "gsm8k", "t") for i in range(12)]
     write_queries(qs, tmp_path / "q.parquet")
-    base = {"prepare": {"out": str(tmp_path / "q.parquet")}, "featurize": {"out": str(tmp_path / "f.parquet")}}
+    base = {"prepare": {"out": str(tmp_path / "q.parquet")},
+            "featurize": {"out": str(tmp_path / "f.parquet"), "embedding": "all-MiniLM-L6-v2"}}
     featurize(parse_params(base))
     files = sd.static_files()  # distilled once per machine: the cache is reused from here on
     monkeypatch.setattr(sd, "distill_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-distilled")))
     p = parse_params({**base, "featurize": {**base["featurize"], "embedding": MINILM_STATIC}})
     assert featurize(p)["embedded"] == 12  # another spec: the contextual cache is not reused
+    assert parse_params({}).featurize.embedding == MINILM_STATIC  # the default
     df, spec = read_features(tmp_path / "f.parquet")
     assert spec.embedding == MINILM_STATIC
     emb = df[[c for c in df.columns if c.startswith("emb_")]].to_numpy()
