@@ -179,7 +179,7 @@ def _short(name: str) -> str:
     return name.split(".")[0]
 
 
-def router_quality_table(res: dict) -> str:
+def router_quality_table(res: dict, show_targets: bool = True) -> str:
     """Per table: the router beside its baselines, overall and within groups (bench.router_quality)."""
     rows = res["tables"]
     base = ("random", "constant", "logreg", "knn")
@@ -208,10 +208,22 @@ def router_quality_table(res: dict) -> str:
             out.append(f"| {_short(r['table'])} | {w['groups']} ({w['queries_in_scored_groups']:,}) | "
                        + " | ".join(_f(w.get(x, {}).get("apgr"), 3) for x in base)
                        + f" | **{_f(w['router']['apgr'], 3)}** | {_f(w['apgr_vs_logreg'], 3)} |")
-    t = res.get("targets")
+    bounded = [r for r in grouped if r["within_groups"].get("bounds")]
+    if bounded:
+        out += ["", "Routing by group alone (each query given its group's in-sample mean accuracy per tier: an "
+                "upper bound for a router that only recognises the task): "
+                + "; ".join(f"{_short(r['table'])} APGR {_f(b['group_means']['apgr'], 3)}, compute saved "
+                            f"{_pct(b['group_means']['compute_saved_at_iso_accuracy'])} (with each query's true "
+                            f"cost: APGR {_f(b['group_means_true_cost']['apgr'], 3)})"
+                            for r in bounded for b in [r["within_groups"]["bounds"]]) + "."]
+    t = res.get("targets") if show_targets else None
     if t:
-        out += ["", "Targets: " + "; ".join(f"{k}: {v if not isinstance(v, dict) else ', '.join(f'{_short(a)} {b}' for a, b in v.items())}"
-                                              for k, v in t.items()) + "."]
+        def met(v):
+            return "met" if v else "missed"
+
+        out += ["", "Targets (the issue's, from this run): " + "; ".join(
+            f"{k}: {met(v) if not isinstance(v, dict) else ', '.join(f'{_short(a)} {met(b)}' for a, b in v.items())}"
+            for k, v in t.items()) + "."]
     meta = res.get("meta") or {}
     if meta:
         out += ["", f"Total wall time {_duration(res['wall_seconds_total'])}, cold (features computed) "
@@ -221,11 +233,11 @@ def router_quality_table(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def router_quality(name: str = "router_quality") -> str:
+def router_quality(name: str = "router_quality", show_targets: bool = True) -> str:
     res = _load(f"bench/results/{name}.json")
     if not res:
         return _missing(f"bench/results/{name}.json", "run `python -m bench.router_quality`")
-    return router_quality_table(res)
+    return router_quality_table(res, show_targets)
 
 
 def featurizers() -> str:
@@ -268,6 +280,7 @@ def featurizers() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "router-quality": router_quality,
     "router-featurizers": lambda: featurizers(),
+    "router-quality-cv": lambda: router_quality("router_quality_dcrouter_cv", show_targets=False),
     "cpu-default": cpu_default,
     "route-latency": route_latency,
     "backends": backends,

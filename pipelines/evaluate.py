@@ -304,7 +304,7 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     pd.DataFrame({"cost": hc, "accuracy": ha}).to_csv(plots / "fixed_hull.csv", index=False)
     pd.DataFrame(cal_rows).to_csv(plots / "calibration.csv", index=False)
     pd.DataFrame({"tier": names, "share": mix}).to_csv(plots / "tier_mix.csv", index=False)
-    write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), point, cal_rows, mix, base_curves,
+    write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (point[1], point[0]), cal_rows, mix, base_curves,
                 "cross-fitted" if folds else "test split")
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     run.log_metrics({f"baseline_{b}_apgr": m["apgr"] for b, m in base_metrics.items() if m["apgr"] is not None})
@@ -314,6 +314,7 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
 
 
 def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_rows, mix, base_curves, how) -> None:
+    """Pareto (accuracy vs cost; ``oracle_pt`` and ``op`` are (cost, accuracy)), calibration, tier mix."""
     import matplotlib
 
     matplotlib.use("Agg")

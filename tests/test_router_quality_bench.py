@@ -21,7 +21,7 @@ def test_router_quality_on_a_small_table_with_groups(tmp_path, capsys):
     router_quality.main(["--table", str(tmp_path / "t.csv"), "--embeddings", "none", "--cache",
                          str(tmp_path / "cache"), "--no-write"])
     out = capsys.readouterr().out
-    assert "| t |" in out and "Within groups" in out
+    assert "| t |" in out and "Within groups" in out and "Routing by group alone" in out
     work = tmp_path / "cache" / "t" / "none"
     ev = json.loads((work / "evaluate.json").read_text())
     assert ev["cv_folds"] == 5 and ev["evaluated_queries"] == 60
