@@ -233,6 +233,28 @@ def router_quality_table(res: dict, show_targets: bool = True) -> str:
     return "\n".join(out) + "\n"
 
 
+def router_candidates() -> str:
+    """Per table: every candidate's out-of-fold APGR in the inner cross-validation that chose the
+    shipped router (train + val rows, priced by the chosen cost model), the choice in bold."""
+    res = _load("bench/results/router_quality.json")
+    if not res or not all("candidates_cv_apgr" in r for r in res["tables"]):
+        return _missing("bench/results/router_quality.json", "run `python -m bench.router_quality`")
+    names = list(dict.fromkeys(n for r in res["tables"] for n in r["candidates_cv_apgr"]))
+    out = ["| table | " + " | ".join(names) + " | cost model (out-of-fold MAE: constant / lgbm_joint) |",
+           "|---" * (len(names) + 2) + "|"]
+    for r in res["tables"]:
+        cells = []
+        for n in names:
+            v = _f(r["candidates_cv_apgr"].get(n), 3)
+            cells.append(f"**{v}**" if n == r["chosen"] else v)
+        mae = r["cost_models_cv_mae"]
+        out.append(f"| {_short(r['table'])} | " + " | ".join(cells) + f" | {r['cost_model']} "
+                   f"({_f(mae.get('constant'), 1)} / {_f(mae.get('lgbm_joint'), 1)}) |")
+    out += ["", f"Inner 3-fold cross-validation on the rows the shipped router was fitted on; {_meta(res)} "
+            "(`bench/results/router_quality.json`)."]
+    return "\n".join(out) + "\n"
+
+
 def router_quality(name: str = "router_quality", show_targets: bool = True) -> str:
     res = _load(f"bench/results/{name}.json")
     if not res:
@@ -280,6 +302,7 @@ def featurizers() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "router-quality": router_quality,
     "router-featurizers": lambda: featurizers(),
+    "router-candidates": router_candidates,
     "router-quality-cv": lambda: router_quality("router_quality_dcrouter_cv", show_targets=False),
     "cpu-default": cpu_default,
     "route-latency": route_latency,

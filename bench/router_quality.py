@@ -118,6 +118,9 @@ def run_table(table: Path, groups: Path | None, embedding: str, cache: Path, cv_
                                       "compute_saved_at_iso_accuracy_ci", "cpt50", "cpt80", "aiq", "router_accuracy",
                                       "router_mean_cost", "apgr_vs_logreg", "apgr_vs_logreg_ci")},
         "chosen": tr["chosen"], "cost_model": tr["chosen_cost_model"],
+        # what the inner cross-validation of the shipped router measured for every candidate
+        "candidates_cv_apgr": {n: m["cv_apgr"] for n, m in tr["models"].items()},
+        "cost_models_cv_mae": {n: m["cv_mae"] for n, m in tr["cost_models"].items()},
         "fold_choices": [f"{f['chosen']}/{f['cost_model']}" for f in ev["folds"]],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "featurize_cached": fz["embedded"] == 0,
