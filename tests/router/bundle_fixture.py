@@ -3,7 +3,7 @@
 Queries are arithmetic questions whose numbers have 1 to 7 digits; each tier's chance of
 answering depends on that size (cheap tiers fail on big numbers, costly ones hold on), so
 a trained model has something real to learn. Features come from the real featurizer, models
-from ``pipelines.train``'s own fitting functions, and the bundle is written with the same
+from ``pipelines.learn``'s own fitting functions, and the bundle is written with the same
 manifest layout as ``pipelines/export.py``.
 
     from tests.router.bundle_fixture import make_bundle
