@@ -458,7 +458,7 @@ def threads(n: int):
 
 
 def _fit_router(ds: Dataset, rows: np.ndarray, cfg: TrainConfig, policy: PolicyConfig) -> FittedRouter:
-    from router.models import Calibrated, Clipped, logit, sigmoid
+    from router.models import Calibrated, Clipped
 
     rows = np.asarray(rows)
     check_table(ds, rows)
@@ -518,9 +518,8 @@ def _fit_router(ds: Dataset, rows: np.ndarray, cfg: TrainConfig, policy: PolicyC
             a, b = platt(P_oof[chosen], Y, cfg.seed)
             success = Calibrated(success, a, b)
             P_report = nested
-    # the operating point, on the out-of-fold curve of what will be shipped
-    lam_P = sigmoid(a * logit(P_oof[chosen]) + b) if calib["applied"] else P_oof[chosen]
-    lam, how = solve_operating_point(lam_P, Cp, Y, Cost, policy)
+    # the operating point, on the out-of-fold curve of what will be shipped (calibrated: cross-fitted)
+    lam, how = solve_operating_point(P_report, Cp, Y, Cost, policy)
     final = prob_scores(P_report, Y)
     report = {
         "rows": int(len(rows)), "inner_folds": int(folds), "chosen": chosen, "cost_model": cost_choice,
