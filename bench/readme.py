@@ -100,12 +100,10 @@ def cpu_default() -> str:
     rows += [
         ("chosen success model / cost model", f"{train['chosen']} / {train['chosen_cost_model']}",
          "`chosen`, `chosen_cost_model`"),
-        ("validation Brier, out of sample: chosen vs constant base rate",
-         f"{train['val_brier']:.3f} vs {train['constant_val_brier']:.3f} (better on "
-         f"{train['beats_constant_brier_tiers']} of {train['varying_tiers']} tiers)",
-         "`val_brier`, `constant_val_brier`"),
-        ("evaluated queries", _f(ev.get("evaluated_queries", ev.get("test_queries"))),
-         "`evaluated_queries`" if "evaluated_queries" in ev else "`test_queries`"),
+        _brier_row(train),
+        ("evaluated queries", _f(ev.get("evaluated_queries", ev.get("test_queries")))
+         + (f" ({ev['cv_folds']}-fold cross-fitting)" if ev.get("cv_folds") else " (test split)"),
+         "`evaluated_queries`, `cv_folds`" if "evaluated_queries" in ev else "`test_queries`"),
         ("best fixed tier", f"`{ev['best_fixed_tier']}`: accuracy {ev['best_fixed_accuracy']:.3f}, "
          f"mean cost {ev['best_fixed_mean_cost']:.1f}", "`best_fixed_*`"),
         ("router at the exported point", f"accuracy {ev['router_accuracy']:.3f}, mean cost "
@@ -113,6 +111,10 @@ def cpu_default() -> str:
         ("compute saved at iso-accuracy", _pct(ev["compute_saved_at_iso_accuracy"])
          + _ci(ev.get("compute_saved_at_iso_accuracy_ci"), pct=True), "`compute_saved_at_iso_accuracy`"),
         ("APGR / AIQ", f"{_f(ev['apgr'], 2)}{_ci(ev.get('apgr_ci'))} / {_f(ev['aiq'], 3)}", "`apgr`, `aiq`"),
+        *([("baselines' APGR: random / constant / logreg / knn",
+            " / ".join(_f(ev["baselines"].get(b, {}).get("apgr"), 2) for b in ("random", "constant", "logreg", "knn"))
+            + f"; router - logreg {_f(ev['apgr_vs_logreg'], 2)}{_ci(ev.get('apgr_vs_logreg_ci'))}",
+            "`baselines`, `apgr_vs_logreg`")] if "baselines" in ev else []),
         ("oracle", f"accuracy {ev['oracle_accuracy']:.3f} at mean cost {ev['oracle_mean_cost']:.1f}",
          "`oracle_*`"),
         ("calibration of the exported model (out of sample)", f"ECE {ev['ece']:.3f}, Brier {ev['brier']:.3f}",
@@ -121,6 +123,18 @@ def cpu_default() -> str:
     out = ["| what | value | source key |", "|---|---|---|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(out) + "\n"
+
+
+def _brier_row(train: dict) -> tuple[str, str, str]:
+    if "cv_brier" in train:  # out of fold (inner cross-validation)
+        return ("Brier, out of fold: chosen vs constant base rate",
+                f"{train['cv_brier']:.3f} vs {_f(train['constant_cv_brier'], 3)} (better on "
+                f"{train['beats_constant_brier_tiers']} of {train['varying_tiers']} tiers)",
+                "`cv_brier`, `constant_cv_brier`")
+    return ("validation Brier, out of sample: chosen vs constant base rate",
+            f"{train['val_brier']:.3f} vs {train['constant_val_brier']:.3f} (better on "
+            f"{train['beats_constant_brier_tiers']} of {train['varying_tiers']} tiers)",
+            "`val_brier`, `constant_val_brier`")
 
 
 def route_latency() -> str:
@@ -161,7 +175,135 @@ def backends() -> str:
     return "\n".join(out) + "\n"
 
 
+def _short(name: str) -> str:
+    return name.split(".")[0]
+
+
+def router_quality_table(res: dict, show_targets: bool = True) -> str:
+    """Per table: the router beside its baselines, overall and within groups (bench.router_quality)."""
+    rows = res["tables"]
+    base = ("random", "constant", "logreg", "knn")
+    out = ["| table | queries / tiers | evaluated | oracle | " + " | ".join(f"{b} APGR" for b in base)
+           + " | router APGR | router - logreg | compute saved at iso-acc. | CPT(50%) / CPT(80%) | featurizer | "
+           "wall (cold) |",
+           "|---" * 14 + "|"]
+    for r in rows:
+        rt, b = r["router"], r["baselines"]
+        how = f"{r['cv_folds']}-fold cross-fit" if r["cv_folds"] else "test split"
+        out.append(
+            f"| {_short(r['table'])} | {r['queries']:,} / {r['tiers']} | {r['evaluated_queries']:,} ({how}) | "
+            f"{r['oracle_accuracy']:.3f} | " + " | ".join(_f(b.get(x, {}).get("apgr"), 3) for x in base)
+            + f" | **{_f(rt['apgr'], 3)}**{_ci(rt['apgr_ci'])} | {_f(rt['apgr_vs_logreg'], 3)}"
+            f"{_ci(rt['apgr_vs_logreg_ci'])} | {_pct(rt['compute_saved_at_iso_accuracy'])}"
+            f"{_ci(rt['compute_saved_at_iso_accuracy_ci'], pct=True)} | {_f(rt['cpt50'], 2)} / {_f(rt['cpt80'], 2)} | "
+            f"{r['embedding']} | {_duration(r['wall_seconds'])} ({_duration(r['cold_wall_seconds'])}) |")
+    grouped = [r for r in rows if r.get("within_groups")]
+    if grouped:
+        out += ["", "Within groups (each group's curve between its own cheapest and most accurate tier, averaged "
+                "with group sizes as weights; groups are never features):", "",
+                "| table | groups (queries scored) | " + " | ".join(f"{b} APGR" for b in base)
+                + " | router APGR | router - logreg |", "|---" * 8 + "|"]
+        for r in grouped:
+            w = r["within_groups"]
+            out.append(f"| {_short(r['table'])} | {w['groups']} ({w['queries_in_scored_groups']:,}) | "
+                       + " | ".join(_f(w.get(x, {}).get("apgr"), 3) for x in base)
+                       + f" | **{_f(w['router']['apgr'], 3)}** | {_f(w['apgr_vs_logreg'], 3)} |")
+    bounded = [r for r in grouped if r["within_groups"].get("bounds")]
+    if bounded:
+        out += ["", "Routing by group alone (each query given its group's in-sample mean accuracy per tier: an "
+                "upper bound for a router that only recognises the task): "
+                + "; ".join(f"{_short(r['table'])} APGR {_f(b['group_means']['apgr'], 3)}, compute saved "
+                            f"{_pct(b['group_means']['compute_saved_at_iso_accuracy'])} (with each query's true "
+                            f"cost: APGR {_f(b['group_means_true_cost']['apgr'], 3)})"
+                            for r in bounded for b in [r["within_groups"]["bounds"]]) + "."]
+    t = res.get("targets") if show_targets else None
+    if t:
+        def met(v):
+            return "met" if v else "missed"
+
+        out += ["", "Targets (the issue's, from this run): " + "; ".join(
+            f"{k}: {met(v) if not isinstance(v, dict) else ', '.join(f'{_short(a)} {met(b)}' for a, b in v.items())}"
+            for k, v in t.items()) + "."]
+    meta = res.get("meta") or {}
+    if meta:
+        out += ["", f"Total wall time {_duration(res['wall_seconds_total'])}, cold (features computed) "
+                f"{_duration(res['cold_wall_seconds_total'])}"
+                + (f"; first {res['max_queries']:,} queries of each table by hash" if res.get("max_queries") else "")
+                + f"; {_meta(res)}."]
+    return "\n".join(out) + "\n"
+
+
+def router_candidates() -> str:
+    """Per table: every candidate's out-of-fold APGR in the inner cross-validation that chose the
+    shipped router (train + val rows, priced by the chosen cost model), the choice in bold."""
+    res = _load("bench/results/router_quality.json")
+    if not res or not all("candidates_cv_apgr" in r for r in res["tables"]):
+        return _missing("bench/results/router_quality.json", "run `python -m bench.router_quality`")
+    names = list(dict.fromkeys(n for r in res["tables"] for n in r["candidates_cv_apgr"]))
+    out = ["| table | " + " | ".join(names) + " | cost model (out-of-fold MAE: constant / lgbm_joint) |",
+           "|---" * (len(names) + 2) + "|"]
+    for r in res["tables"]:
+        cells = []
+        for n in names:
+            v = _f(r["candidates_cv_apgr"].get(n), 3)
+            cells.append(f"**{v}**" if n == r["chosen"] else v)
+        mae = r["cost_models_cv_mae"]
+        out.append(f"| {_short(r['table'])} | " + " | ".join(cells) + f" | {r['cost_model']} "
+                   f"({_f(mae.get('constant'), 1)} / {_f(mae.get('lgbm_joint'), 1)}) |")
+    out += ["", f"Inner 3-fold cross-validation on the rows the shipped router was fitted on; {_meta(res)} "
+            "(`bench/results/router_quality.json`)."]
+    return "\n".join(out) + "\n"
+
+
+def router_quality(name: str = "router_quality", show_targets: bool = True) -> str:
+    res = _load(f"bench/results/{name}.json")
+    if not res:
+        return _missing(f"bench/results/{name}.json", "run `python -m bench.router_quality`")
+    return router_quality_table(res, show_targets)
+
+
+def featurizers() -> str:
+    """Routing quality per featurizer (bench.router_quality --embeddings ...) beside route latency
+    (bench.route_latency): one row per featurizer, one APGR column per table."""
+    res = _load("bench/results/router_quality_featurizers.json")
+    if not res:
+        return _missing("bench/results/router_quality_featurizers.json",
+                        "run `python -m bench.router_quality --embeddings ... --name router_quality_featurizers`")
+    lat = _load("bench/results/route_latency.json") or {}
+    where = {"all-MiniLM-L6-v2-static": ("static_1core", "static MiniLM table, 1 core"),
+             "all-MiniLM-L6-v2": ("onnx_1core", "MiniLM on ONNX Runtime, 1 core")}
+    tables = list(dict.fromkeys(_short(r["table"]) for r in res["tables"]))
+    out = ["| featurizer | " + " | ".join(f"{t} APGR (within groups)" for t in tables)
+           + " | featurize wall (cold) | route p50 / p99 |", "|---" * (len(tables) + 3) + "|"]
+    for emb in res["embeddings"]:
+        rows = {_short(r["table"]): r for r in res["tables"] if r["embedding"] == emb}
+        cells = []
+        for t in tables:
+            r = rows.get(t)
+            if r is None:
+                cells.append("n/a")
+                continue
+            w = r.get("within_groups")
+            cells.append(f"{_f(r['router']['apgr'], 3)}" + (f" ({_f(w['router']['apgr'], 3)})" if w else ""))
+        cold = sum(r["cold_wall_seconds"] - r["seconds"]["train"] - r["seconds"]["evaluate"]
+                   - r["seconds"]["prepare_label"] for r in rows.values())
+        key, name = where.get(emb, (None, None))
+        l = lat.get(key) if key else None
+        latency = (f"{l['route_ms']['p50']:.2f} / {l['route_ms']['p99']:.2f} ms ({name})" if l
+                   else "not measured (lexical counts only: no encoder)")
+        out.append(f"| {emb} | " + " | ".join(cells) + f" | {_duration(cold)} | {latency} |")
+    out += ["", f"APGR of the router trained on each featurizer, {res['tables'][0]['cv_folds'] or 'holdout'}"
+            f"-fold cross-fitted where the subsample has no split column of its own; first "
+            f"{res.get('max_queries') or 'all'} queries of each table by hash; {_meta(res)} "
+            "(`bench/results/router_quality_featurizers.json`, latency from `bench/results/route_latency.json`)."]
+    return "\n".join(out) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "router-quality": router_quality,
+    "router-featurizers": lambda: featurizers(),
+    "router-candidates": router_candidates,
+    "router-quality-cv": lambda: router_quality("router_quality_dcrouter_cv", show_targets=False),
     "cpu-default": cpu_default,
     "route-latency": route_latency,
     "backends": backends,

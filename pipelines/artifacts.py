@@ -236,11 +236,24 @@ OUTCOME_COLUMNS = ("query_id", "split", "tier", "model", "budget", "samples", "p
                    "cost_tokens", "latency_tokens", "cost")
 
 
-def write_outcomes(df, path: str | Path) -> None:
+OUTCOMES_KEY = "difficulty_router_outcomes"
+
+
+def write_outcomes(df, path: str | Path, splits_from: str = "queries") -> None:
+    """The outcomes table; ``splits_from`` says who assigned the splits: "table" (an imported
+    table's own split column), "hash" (of query_id) or "queries" (the prepared queries)."""
     missing = [c for c in OUTCOME_COLUMNS if c not in df.columns]
     if missing:  # an internal invariant: every producer builds the full schema
         raise AssertionError(f"outcomes lack column(s) {missing}")
-    write_parquet(df, path)
+    write_parquet(df, path, {OUTCOMES_KEY: {"splits_from": splits_from}})
+
+
+def outcome_summary(path: str | Path) -> dict[str, Any]:
+    """Labelled queries per split and who assigned the splits, without reading any outcome."""
+    out = read_outcomes(path, columns=["query_id", "split"]).drop_duplicates("query_id")
+    meta = parquet_metadata(path, OUTCOMES_KEY) or {}
+    return {"queries": int(len(out)), "by_split": {str(k): int(v) for k, v in out["split"].value_counts().items()},
+            "splits_from": meta.get("splits_from", "queries")}
 
 
 def read_outcomes(path: str | Path, splits: Iterable[str] | None = None, columns=None):

@@ -157,9 +157,11 @@ class LabelConfig:
 @dataclass(frozen=True)
 class FeaturizeConfig:
     out: str = "data/features.parquet"
-    # all-MiniLM-L6-v2 (contextual) | all-MiniLM-L6-v2-static (distilled, sub-ms, torch-free
-    # at serving time) | none (lexical features only)
-    embedding: str = "all-MiniLM-L6-v2"
+    # all-MiniLM-L6-v2-static (distilled: sub-ms, torch-free serving) | all-MiniLM-L6-v2
+    # (contextual) | none (lexical features only). The static table is the default: on the
+    # published outcome tables it routed as well as contextual MiniLM or better, at ~1/25 of
+    # the route latency and a fraction of the featurizing time (README, "Featurizers side by side")
+    embedding: str = "all-MiniLM-L6-v2-static"
     lexical: bool = True
     max_chars: int = 2000
     encoder: str | None = None  # null: the embedding's pipeline encoder (sentence-transformers or static)
@@ -182,33 +184,57 @@ class FeaturizeConfig:
         return FeaturizerSpec(embedding=self.embedding, lexical=self.lexical, max_chars=self.max_chars)
 
 
-TRAIN_CANDIDATES = ("constant", "logreg", "knn", "lgbm_per_tier", "lgbm_joint")
+TRAIN_CANDIDATES = ("constant", "logreg", "knn", "lgbm_per_tier", "lgbm_joint", "lgbm_gain", "ridge_gain",
+                    "sufficient", "blend")
+COST_CANDIDATES = ("constant", "lgbm_joint")
 
 
 def _default_lgbm() -> dict:
-    # a few hundred queries and ~400 features: shallow trees, strong subsampling and L2
+    # from a hundred to ten thousand queries and ~400 features: shallow trees, strong subsampling
+    # and L2; 63 bins train ~2x faster than 255 and routed the published tables as well
     return {"num_leaves": 7, "learning_rate": 0.05, "n_estimators": 150, "min_data_in_leaf": 8,
-            "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0}
+            "feature_fraction": 0.5, "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0,
+            "max_bin": 63}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How a router is fitted on some rows (``pipelines/learn.py``): candidates are chosen by an
+    inner cross-validation of the routing curve, never scored on rows they were fitted on."""
+
     out_dir: str = "models/train"
     metrics: str = "metrics/train.json"
-    candidates: tuple = TRAIN_CANDIDATES
-    select_by: str = "apgr"  # "apgr" (validation routing curve) or "brier"
-    calibrate: bool = True  # per-tier Platt scaling on validation, kept only if it helps out of fold
+    # what the inner cross-validation chooses from (see pipelines/learn.py for each)
+    candidates: tuple = ("constant", "logreg", "knn", "lgbm_joint", "lgbm_gain", "ridge_gain", "blend")
+    blend: tuple = ("logreg", "knn", "lgbm_gain")  # members of the `blend` candidate (an ensemble)
+    cost_candidates: tuple = COST_CANDIDATES
+    select_by: str = "apgr"  # "apgr" (cross-validated routing curve) or "brier"
+    calibrate: bool = True  # per-tier Platt scaling on out-of-fold predictions, kept if it helps out of fold
+    inner_folds: int = 3  # folds of the inner cross-validation (model selection, calibration, lambda)
     logreg_c: float = 0.1  # strong L2: a few hundred queries and ~400 features
-    knn_k: int = 15
+    ridge_alpha: float = 1.0  # ridge_gain's L2, per query (scaled by the number of rows)
+    knn_k: int = 40
+    knn_temperature: float = 0.1  # neighbours weighted exp(sim / T): closer queries count more
     lgbm: dict = field(default_factory=_default_lgbm)
+    # LightGBM models see the embedding as its top principal components (0: the raw dimensions)
+    tree_embedding_dims: int = 32
+    # LightGBM (and BLAS) threads while training; the runtime predicts with one. On 2 shared,
+    # busy cores one thread fitted 10-25x faster than two (OpenMP threads spin-wait each other)
+    threads: int = 1
     seed: int = 0
 
     def __post_init__(self):
-        bad = set(self.candidates) - set(TRAIN_CANDIDATES)
-        if bad:
-            raise ValueError(f"candidates: unknown model(s) {sorted(bad)}; choose from {list(TRAIN_CANDIDATES)}")
+        for key, allowed in (("candidates", TRAIN_CANDIDATES), ("blend", TRAIN_CANDIDATES[:-1]),
+                             ("cost_candidates", COST_CANDIDATES)):
+            bad = set(getattr(self, key)) - set(allowed)
+            if bad:
+                raise ValueError(f"{key}: unknown model(s) {sorted(bad)}; choose from {list(allowed)}")
+        if not self.candidates or not self.cost_candidates:
+            raise ValueError("candidates and cost_candidates need at least one model each")
         if self.select_by not in ("apgr", "brier"):
             raise ValueError(f"select_by must be 'apgr' or 'brier', got {self.select_by!r}")
+        if self.inner_folds < 2:
+            raise ValueError(f"inner_folds must be >= 2, got {self.inner_folds}")
 
 
 POLICY_TARGETS = ("best_fixed_accuracy", "accuracy", "cost")
@@ -233,6 +259,12 @@ class PolicyConfig:
             raise ValueError(f"target {self.target} needs target_value")
 
 
+# below this many labelled queries (and without a split column of the table's own) evaluation
+# cross-fits: a test split of a few hundred queries gives intervals too wide to mean anything
+CV_AUTO_MAX_QUERIES = 5000
+BASELINES = ("constant", "logreg", "knn")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     metrics: str = "metrics/evaluate.json"
@@ -240,6 +272,20 @@ class EvaluateConfig:
     bootstrap: int = 500
     calibration_bins: int = 10
     seed: int = 0
+    # K-fold cross-fitting over every labelled query (K >= 2), 0 = hold out the test split, or
+    # null = automatic: 5 folds when the table has fewer than CV_AUTO_MAX_QUERIES queries and no
+    # split column of its own, else the test split (README, "How the router is evaluated")
+    cv_folds: int | None = None
+    # query_id -> group CSV for within-group figures; null: `<outcome table>.groups.csv` if it exists
+    groups: str | None = None
+    baselines: tuple = BASELINES  # fitted on the same folds as the router (plus `random`, always)
+
+    def __post_init__(self):
+        if self.cv_folds is not None and (self.cv_folds < 0 or self.cv_folds == 1):
+            raise ValueError(f"cv_folds must be null, 0 (holdout) or >= 2, got {self.cv_folds}")
+        bad = set(self.baselines) - set(BASELINES)
+        if bad:
+            raise ValueError(f"baselines: unknown {sorted(bad)}; choose from {list(BASELINES)}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,19 @@
-"""The evaluate stage: the routing policy against every fixed tier, their random mixtures
-and the per-query oracle, on the test split (read here and nowhere else).
+"""The evaluate stage: the routing policy against the baselines a reviewer asks for, every fixed
+tier, their random mixtures and the per-query oracle, always out of sample.
 
-The operating point (``lambda``) is solved on the validation split, then applied unchanged
-to test. Headline figures carry bootstrap 95% intervals over test queries.
+Two modes (``pipelines.learn.evaluation_folds`` says which, README "How the router is
+evaluated"): **cross-fitting** (``evaluate.cv_folds`` K >= 2): the labelled queries are dealt
+into K folds by query; for each fold the whole fitting procedure (``learn.fit_router``: model
+selection, calibration and lambda by inner cross-validation) runs on the other folds and
+predicts this one, so every query is predicted once, by a router that never saw it; the
+baselines are fitted on the same folds. **Holdout** (K = 0): the bundle's router (fitted by
+the train stage on train + val) and the baselines (fitted on the same rows) predict the test
+split. Headline figures carry bootstrap 95% intervals over the evaluated queries; differences
+to the baselines are paired (the same resampled queries for both).
+
+With a groups file (``evaluate.groups``, or ``<outcome table>.groups.csv`` beside the table)
+the same figures are also computed *within* groups: each group's curve between its own cheapest
+and most accurate tier, averaged with group sizes as weights. Groups are never features.
 """
 
 from __future__ import annotations
@@ -13,37 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import artifacts
-from pipelines.config import Params, PolicyConfig
+from pipelines import artifacts, learn
+from pipelines.config import Params
 from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("label", "featurize", "train", "policy", "evaluate")
+SECTIONS = ("seed", "data", "label", "featurize", "train", "policy", "evaluate")
 
 HEADLINE = ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "accuracy_gain_at_iso_cost",
             "apgr", "cpt50", "cpt80", "aiq", "best_fixed_accuracy", "best_fixed_mean_cost", "oracle_accuracy",
             "oracle_mean_cost")
-
-
-def solve_operating_point(P, Cp, Y, Cost, cfg: PolicyConfig) -> tuple[float, dict[str, Any]]:
-    """Lambda on validation rows: fixed, or the cheapest reaching the target."""
-    from router.policy import solve_lambda
-
-    if cfg.lam is not None:
-        return float(cfg.lam), {"how": "fixed"}
-    if cfg.target == "cost":
-        if cfg.target_value is None:
-            raise ValueError("policy.target cost needs policy.target_value")
-        return solve_lambda(P, Cp, target_cost=cfg.target_value, Y=Cost), {"how": "target_cost",
-                                                                           "value": cfg.target_value}
-    if cfg.target == "accuracy":
-        if cfg.target_value is None:
-            raise ValueError("policy.target accuracy needs policy.target_value")
-        goal = cfg.target_value
-    else:
-        goal = float(Y.mean(axis=0).max()) + cfg.accuracy_margin
-    return solve_lambda(P, Cp, target_accuracy=goal, Y=Y), {"how": "target_accuracy", "value": goal}
+BASELINE_KEYS = ("apgr", "compute_saved_at_iso_accuracy", "aiq", "cpt50", "cpt80")
 
 
 def calibration(P: np.ndarray, Y: np.ndarray, bins: int) -> tuple[float, float, list[dict]]:
@@ -62,51 +54,202 @@ def calibration(P: np.ndarray, Y: np.ndarray, bins: int) -> tuple[float, float, 
     return float(ece), float(((p - y) ** 2).mean()), rows
 
 
-def bootstrap(choice, lam_index, Y, Cost, n: int, seed: int) -> dict[str, list[float]]:
-    """95% intervals of the headline metrics by resampling test queries."""
+# ---------------------------------------------------------------- predictions out of sample
+
+
+def crossfit(ds, folds: int, params: Params) -> dict[str, Any]:
+    """Every query predicted once by the router and each baseline, fitted on the other folds."""
+    cfg, ecfg = params.train, params.evaluate
+    n = len(ds.query_ids)
+    fold = learn.fold_ids(n, folds, ecfg.seed)
+    P, Cp, op = np.empty_like(ds.Y), np.empty_like(ds.Cost), np.empty(n, dtype=np.int64)
+    base = {b: (np.empty_like(ds.Y), np.empty_like(ds.Cost)) for b in baselines(params, ds)}
+    records = []
+    from router.policy import choose_batch
+
+    for f in range(folds):
+        fit_rows, held = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        r = learn.fit_router(ds, fit_rows, cfg, params.policy)
+        P[held], Cp[held] = r.success.predict(ds.X[held]), np.maximum(r.cost.predict(ds.X[held]), 0.0)
+        op[held] = choose_batch(P[held], Cp[held], r.lam)
+        records.append({"fold": f, "fit_queries": int(len(fit_rows)), "evaluated_queries": int(len(held)),
+                        "chosen": r.chosen, "cost_model": r.cost_model, "calibrated": r.calibrated,
+                        "lambda": r.lam, "cv_apgr": r.report["cv_apgr"]})
+        log.info("fold %d/%d: %s", f + 1, folds, records[-1])
+        with learn.threads(cfg.threads):
+            for b, (bp, bc) in base.items():
+                s, c = learn.fit_baseline(b, ds, fit_rows, cfg)
+                bp[held], bc[held] = s.predict(ds.X[held]), c.predict(ds.X[held])
+    return {"rows": np.arange(n), "P": P, "Cp": Cp, "op": op, "baselines": base, "folds": records}
+
+
+def holdout(ds, params: Params) -> dict[str, Any]:
+    """The bundle's router and the baselines (fitted on train + val) on the test split."""
+    from router.policy import choose_batch
+
+    success, cost_model, meta = artifacts.load_model(params.train.out_dir)
+    if meta.get("evaluation_folds"):
+        raise ValueError("the trained model was fitted on every query for cross-fitted evaluation; rerun train "
+                         "(evaluate.cv_folds changed?)")
+    fit_rows, test = np.nonzero(ds.split != "test")[0], np.nonzero(ds.split == "test")[0]
+    P, Cp = success.predict(ds.X[test]), np.maximum(cost_model.predict(ds.X[test]), 0.0)
+    base = {}
+    with learn.threads(params.train.threads):
+        for b in baselines(params, ds):
+            s, c = learn.fit_baseline(b, ds, fit_rows, params.train)
+            base[b] = (s.predict(ds.X[test]), c.predict(ds.X[test]))
+    return {"rows": test, "P": P, "Cp": Cp, "op": choose_batch(P, Cp, float(meta["lambda"])), "baselines": base,
+            "folds": [{"fold": "holdout", "fit_queries": int(len(fit_rows)), "evaluated_queries": int(len(test)),
+                       "chosen": meta["chosen"], "cost_model": meta["cost_model"], "calibrated": meta["calibrated"],
+                       "lambda": float(meta["lambda"])}]}
+
+
+def baselines(params: Params, ds) -> list[str]:
+    return [b for b in params.evaluate.baselines if learn.usable(b, ds)]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def groups_of(params: Params, query_ids: list[str]) -> tuple[np.ndarray | None, str | None]:
+    """Each query's group from ``evaluate.groups`` or ``<table>.groups.csv`` (None without one)."""
+    import pandas as pd
+
+    path = params.evaluate.groups
+    if path is None and params.data.outcomes:
+        p = Path(params.data.outcomes)
+        guess = p.with_name(p.name.split(".")[0] + ".groups.csv")
+        path = str(guess) if guess.exists() else None
+    if path is None:
+        return None, None
+    df = pd.read_csv(path, dtype=str)
+    if not {"query_id", "group"} <= set(df.columns):
+        raise ValueError(f"{path}: a groups file needs columns query_id, group; has {list(df.columns)}")
+    g = df.drop_duplicates("query_id").set_index("query_id")["group"]
+    out = g.reindex(query_ids).to_numpy(dtype=object)
+    missing = int(sum(x is None or (isinstance(x, float) and np.isnan(x)) for x in out))
+    if missing:
+        log.warning("%s: %d evaluated queries have no group; they form the group '(none)'", path, missing)
+        out = np.array(["(none)" if not isinstance(x, str) else x for x in out], dtype=object)
+    return out, path
+
+
+def within_groups(choice: np.ndarray, Y: np.ndarray, Cost: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    """APGR, compute saved and AIQ per group (each between its own cheapest and best tier), and
+    their means weighted by group size over the groups where a costlier tier beats the cheapest."""
+    from pipelines.routing_metrics import headline, realized
+
+    per, w = {}, []
+    for g in sorted(set(groups)):
+        r = np.nonzero(groups == g)[0]
+        h = headline(*realized(choice, Y, Cost, r), Y, Cost, r)
+        per[g] = {"queries": int(len(r)), **{k: h[k] for k in BASELINE_KEYS}}
+    out: dict[str, Any] = {"groups": len(per)}
+    for k in ("apgr", "compute_saved_at_iso_accuracy", "aiq"):
+        have = [(v[k], v["queries"]) for v in per.values() if v[k] is not None]
+        out[k] = float(np.average([a for a, _ in have], weights=[n for _, n in have])) if have else None
+    have = [v["queries"] for v in per.values() if v["apgr"] is not None]
+    out["queries_in_scored_groups"] = int(sum(have))
+    out["per_group"] = per
+    return out
+
+
+def fixed_choices(k: int, n: int) -> np.ndarray:
+    """The 'random' baseline as a curve: every fixed tier (mixtures of them are its hull)."""
+    return np.repeat(np.arange(k)[:, None], n, axis=1)
+
+
+def bootstrap(curves: dict[str, np.ndarray], op: np.ndarray, Y, Cost, n: int, seed: int) -> dict[str, Any]:
+    """95% intervals by resampling queries: the router's headline figures, the operating point
+    against the best fixed tier, and paired differences of APGR and compute saved between the
+    router and every baseline (the same resampled queries for both)."""
     from pipelines.routing_metrics import headline, realized
 
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
     q = Y.shape[0]
+    draws: dict[str, list[float]] = {k: [] for k in HEADLINE}
+    draws.update(operating_point_cost_saved=[], operating_point_accuracy_delta=[])
+    diffs = {b: {"apgr": [], "compute_saved_at_iso_accuracy": []} for b in curves if b != "router"}
+    base_draws = {b: {"apgr": [], "compute_saved_at_iso_accuracy": []} for b in curves if b != "router"}
     for _ in range(n):
-        rows = rng.integers(0, q, q)
-        acc, cost = realized(choice, Y, Cost, rows)
-        h = headline(acc, cost, Y, Cost, rows, point=(acc[lam_index], cost[lam_index]))
+        r = rng.integers(0, q, q)
+        point = (float(Y[r, op[r]].mean()), float(Cost[r, op[r]].mean()))
+        h = headline(*realized(curves["router"], Y, Cost, r), Y, Cost, r, point=point)
         for k in HEADLINE:
             if h.get(k) is not None:
                 draws[k].append(h[k])
-    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= n // 2 else None
-            for k, v in draws.items()}
+        best = h["best_fixed_tier_index"]
+        bc = Cost[r, best].mean()
+        if bc > 0:
+            draws["operating_point_cost_saved"].append(1 - point[1] / bc)
+        draws["operating_point_accuracy_delta"].append(point[0] - Y[r, best].mean())
+        for b in diffs:
+            hb = headline(*realized(curves[b], Y, Cost, r), Y, Cost, r)
+            for k in diffs[b]:
+                if hb[k] is not None:
+                    base_draws[b][k].append(hb[k])
+                # a router that cannot reach the best fixed tier's accuracy saves nothing
+                if h[k] is not None or hb[k] is not None:
+                    diffs[b][k].append((h[k] or 0.0) - (hb[k] or 0.0))
+
+    def ci(v):
+        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= n // 2 else None
+
+    return {"router": {k: ci(v) for k, v in draws.items()},
+            "diffs": {b: {k: ci(v) for k, v in d.items()} for b, d in diffs.items()},
+            "baselines": {b: {k: ci(v) for k, v in d.items()} for b, d in base_draws.items()}}
 
 
 def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     import pandas as pd
 
-    from pipelines.routing_metrics import fixed_tiers, headline, lambda_grid, oracle, realized, sweep, upper_hull
+    from pipelines.routing_metrics import curve, fixed_tiers, headline, lambda_grid, oracle, realized, upper_hull
 
-    pcfg, ecfg = params.policy, params.evaluate
-    success, cost_model, meta = artifacts.load_model(params.train.out_dir)
-    val = artifacts.load_dataset(params.label, params.featurize, splits=("val",))
-    test = artifacts.load_dataset(params.label, params.featurize, splits=("test",))
-    names = [t["name"] for t in test.tiers]
+    ecfg = params.evaluate
+    summary = artifacts.outcome_summary(params.label.out)
+    folds, why = learn.evaluation_folds(summary, ecfg)
+    ds = artifacts.load_dataset(params.label, params.featurize, splits=("train", "val", "test"))
+    names = [t["name"] for t in ds.tiers]
+    _, _, meta = artifacts.load_model(params.train.out_dir)
     if [t["name"] for t in meta["tiers"]] != names:
         raise ValueError("the trained model's tiers differ from the labels' tiers; rerun train")
+    learn.check_table(ds, np.arange(len(ds.query_ids)), "evaluated queries")
+    pred = crossfit(ds, folds, params) if folds else holdout(ds, params)
+    rows = pred["rows"]
+    Y, Cost, P, Cp = ds.Y[rows], ds.Cost[rows], pred["P"], pred["Cp"]
+    run.log_params({"evaluated_queries": len(rows), "cv_folds": folds})
 
-    run.log_params({"test_queries": len(test.query_ids)})
-    Pv, Cv = success.predict(val.X), cost_model.predict(val.X)
-    lam, how = solve_operating_point(Pv, Cv, val.Y, val.Cost, pcfg)
-    P, Cp = success.predict(test.X), cost_model.predict(test.X)
-    lams = np.unique(np.concatenate([lambda_grid(Cp, 80), [lam]]))
-    li = int(np.nonzero(lams == lam)[0][0])
-    choice = sweep(P, Cp, test.Y, test.Cost, lams)
-    acc, cost = realized(choice, test.Y, test.Cost)
-    h = headline(acc, cost, test.Y, test.Cost, point=(acc[li], cost[li]))
-    fa, fc = fixed_tiers(test.Y, test.Cost)
-    ece, brier, cal_rows = calibration(P, test.Y, ecfg.calibration_bins)
-    cis = bootstrap(choice, li, test.Y, test.Cost, ecfg.bootstrap, ecfg.seed)
-    mix = np.bincount(choice[li], minlength=len(names)) / len(test.query_ids)
+    lams = lambda_grid(Cp, 120)
+    choice, acc, cost = curve(P, Cp, Y, Cost, lams)
+    op = pred["op"]
+    point = (float(Y[np.arange(len(rows)), op].mean()), float(Cost[np.arange(len(rows)), op].mean()))
+    h = headline(acc, cost, Y, Cost, point=point)
+    curves = {"router": choice, "random": fixed_choices(len(names), len(rows))}
+    base_metrics: dict[str, Any] = {}
+    for b, (bp, bc) in pred["baselines"].items():
+        curves[b] = curve(bp, bc, Y, Cost)[0]
+        hb = headline(*realized(curves[b], Y, Cost), Y, Cost)
+        base_metrics[b] = {k: hb[k] for k in BASELINE_KEYS}
+        # the same success model priced by the router's per-query cost predictions: separates
+        # what the router's success model adds from what its cost model adds
+        hc = headline(*curve(bp, Cp, Y, Cost)[1:], Y, Cost)
+        base_metrics[b]["apgr_with_router_cost"] = hc["apgr"]
+    hr = headline(*realized(curves["random"], Y, Cost), Y, Cost)
+    base_metrics["random"] = {k: hr[k] for k in BASELINE_KEYS}
+    boot = bootstrap(curves, op, Y, Cost, ecfg.bootstrap, ecfg.seed)
+    for b, m in base_metrics.items():
+        m["router_minus"] = {k: (None if h[k] is None and m[k] is None else (h[k] or 0.0) - (m[k] or 0.0))
+                             for k in ("apgr", "compute_saved_at_iso_accuracy")}
+        m["router_minus_ci"] = boot["diffs"][b]
+        m["ci"] = boot["baselines"][b]
+    fa, fc = fixed_tiers(Y, Cost)
+    ece, brier, cal_rows = calibration(P, Y, ecfg.calibration_bins)
+    mix = np.bincount(op, minlength=len(names)) / len(rows)
+    lam = float(meta["lambda"])
     metrics: dict[str, Any] = {
+        "evaluated_queries": int(len(rows)),
+        "cv_folds": int(folds),
+        "evaluation": why,
         "router_accuracy": h["router_accuracy"],
         "router_mean_cost": h["router_mean_cost"],
         "best_fixed_tier": names[h["best_fixed_tier_index"]],
@@ -117,68 +260,84 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
         "apgr": h["apgr"], "cpt50": h["cpt50"], "cpt80": h["cpt80"], "aiq": h["aiq"],
         "oracle_accuracy": h["oracle_accuracy"], "oracle_mean_cost": h["oracle_mean_cost"],
         "ece": ece, "brier": brier,
-        # the exported point itself against the best fixed tier
+        # the operating point itself (each fold's own lambda on its own queries) against the best fixed tier
         "operating_point_cost_saved": float(1 - h["router_mean_cost"] / h["best_fixed_mean_cost"])
         if h["best_fixed_mean_cost"] > 0 else None,
         "operating_point_accuracy_delta": float(h["router_accuracy"] - h["best_fixed_accuracy"]),
-        "lambda": lam, "lambda_solved_by": how, "test_queries": len(test.query_ids),
+        # the bundle's operating point (fitted on every query in cross-fitting mode)
+        "lambda": lam, "lambda_solved_by": meta.get("lambda_solved_by"),
+        "baselines": base_metrics,
+        "apgr_vs_logreg": base_metrics["logreg"]["router_minus"]["apgr"] if "logreg" in base_metrics else None,
+        "apgr_vs_logreg_ci": base_metrics["logreg"]["router_minus_ci"]["apgr"] if "logreg" in base_metrics else None,
+        "folds": pred["folds"],
         "fixed_tiers": {n: {"accuracy": float(a), "mean_cost": float(c)} for n, a, c in zip(names, fa, fc)},
         "tier_mix": {n: float(m) for n, m in zip(names, mix) if m > 0},
     }
-    # paired interval of the operating point's savings and accuracy delta
-    rng = np.random.default_rng(ecfg.seed + 1)
-    best = h["best_fixed_tier_index"]
-    rr = np.arange(len(test.query_ids))
-    ch = choice[li]
-    sav, dacc = [], []
-    for _ in range(ecfg.bootstrap):
-        r = rng.integers(0, len(rr), len(rr))
-        bc = test.Cost[r, best].mean()
-        sav.append(1 - test.Cost[r, ch[r]].mean() / bc if bc > 0 else np.nan)
-        dacc.append(test.Y[r, ch[r]].mean() - test.Y[r, best].mean())
-    cis["operating_point_cost_saved"] = [float(np.nanpercentile(sav, 2.5)), float(np.nanpercentile(sav, 97.5))]
-    cis["operating_point_accuracy_delta"] = [float(np.percentile(dacc, 2.5)), float(np.percentile(dacc, 97.5))]
-    for k, v in cis.items():
+    if not folds:
+        metrics["test_queries"] = int(len(rows))
+    for k, v in boot["router"].items():
         metrics[f"{k}_ci"] = v
+    groups, gpath = groups_of(params, [ds.query_ids[i] for i in rows])
+    if groups is not None:
+        metrics["within_groups"] = {"file": gpath, "router": within_groups(choice, Y, Cost, groups)}
+        for b in curves:
+            if b != "router":
+                metrics["within_groups"][b] = {k: v for k, v in within_groups(curves[b], Y, Cost, groups).items()
+                                               if k != "per_group"}
+        wg = metrics["within_groups"]
+        if "logreg" in wg:
+            wg["apgr_vs_logreg"] = (None if wg["router"]["apgr"] is None or wg["logreg"]["apgr"] is None
+                                    else wg["router"]["apgr"] - wg["logreg"]["apgr"])
     artifacts.write_json(ecfg.metrics, metrics)
 
     plots = Path(ecfg.plots_dir)
     plots.mkdir(parents=True, exist_ok=True)
     hc, ha = upper_hull(fc, fa)
-    oa, oc = oracle(test.Y, test.Cost)
+    oa, oc = oracle(Y, Cost)
     pd.DataFrame({"cost": cost, "accuracy": acc, "lambda": lams}).sort_values("cost").to_csv(
         plots / "router_curve.csv", index=False)
+    base_curves = {b: realized(curves[b], Y, Cost) for b in pred["baselines"]}
+    pd.concat([pd.DataFrame({"baseline": b, "cost": c, "accuracy": a}) for b, (a, c) in base_curves.items()]
+              or [pd.DataFrame(columns=["baseline", "cost", "accuracy"])]).to_csv(plots / "baseline_curves.csv",
+                                                                                   index=False)
     pd.DataFrame({"tier": names, "cost": fc, "accuracy": fa}).to_csv(plots / "fixed_tiers.csv", index=False)
     pd.DataFrame({"cost": hc, "accuracy": ha}).to_csv(plots / "fixed_hull.csv", index=False)
     pd.DataFrame(cal_rows).to_csv(plots / "calibration.csv", index=False)
     pd.DataFrame({"tier": names, "share": mix}).to_csv(plots / "tier_mix.csv", index=False)
-    write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (h["router_mean_cost"], h["router_accuracy"]),
-                cal_rows, mix)
+    write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (point[1], point[0]), cal_rows, mix, base_curves,
+                "cross-fitted" if folds else "test split")
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    run.log_metrics({f"baseline_{b}_apgr": m["apgr"] for b, m in base_metrics.items() if m["apgr"] is not None})
     run.log_artifact(ecfg.metrics)
     run.log_artifact(plots, "plots")
     return metrics
 
 
-def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_rows, mix) -> None:
+def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_rows, mix, base_curves, how) -> None:
+    """Pareto (accuracy vs cost; ``oracle_pt`` and ``op`` are (cost, accuracy)), calibration, tier mix."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.routing_metrics import upper_hull
+
     fig, ax = plt.subplots(figsize=(7, 5))
     o = np.argsort(cost)
-    ax.plot(np.asarray(cost)[o], np.asarray(acc)[o], "-", color="C0", label="router (lambda sweep)")
+    ax.plot(np.asarray(cost)[o], np.asarray(acc)[o], "-", color="C0", lw=2, label="router (lambda sweep)")
+    for i, (b, (a, c)) in enumerate(base_curves.items()):
+        bc, ba = upper_hull(c, a)
+        ax.plot(bc, ba, ":", color=f"C{4 + i}", label=f"{b} baseline (hull)")
     ax.scatter(fc, fa, color="C1", zorder=3, label="fixed tiers")
     for n, x, y in zip(names, fc, fa):
         ax.annotate(n, (x, y), fontsize=6, alpha=0.7)
     ax.plot(hc, ha, "--", color="C1", alpha=0.6, label="random mixtures of fixed tiers")
     ax.scatter([oracle_pt[0]], [oracle_pt[1]], marker="*", s=150, color="C2", zorder=4, label="oracle")
-    ax.scatter([op[0]], [op[1]], marker="D", s=60, color="C3", zorder=5, label="exported operating point")
+    ax.scatter([op[0]], [op[1]], marker="D", s=60, color="C3", zorder=5, label="operating point")
     ax.set_xscale("symlog")
     ax.set_xlabel("mean cost per query (tokens x price)")
-    ax.set_ylabel("accuracy (test split)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel(f"accuracy ({how})")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(d / "pareto.png", dpi=120)
@@ -199,8 +358,8 @@ def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_ro
     ax.bar(range(len(names)), mix)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=70, fontsize=7)
-    ax.set_ylabel("share of test queries")
-    ax.set_title("tier mix at the exported operating point")
+    ax.set_ylabel("share of evaluated queries")
+    ax.set_title("tier mix at the operating point")
     fig.tight_layout()
     fig.savefig(d / "tier_mix.png", dpi=120)
     plt.close(fig)
@@ -208,9 +367,9 @@ def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_ro
 
 def main(argv=None) -> dict:
     return run_stage("evaluate", evaluate, argv, sections=SECTIONS,
-                     description="evaluate: router vs every fixed tier and the oracle on the test split",
-                     summary=("router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy",
-                              "best_fixed_mean_cost", "compute_saved_at_iso_accuracy", "apgr"))
+                     description="evaluate: router vs baselines, fixed tiers and the oracle, out of sample",
+                     summary=("evaluated_queries", "cv_folds", "router_accuracy", "router_mean_cost", "best_fixed_tier",
+                              "compute_saved_at_iso_accuracy", "apgr", "apgr_vs_logreg"))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
     fallback = names[int(np.lexsort((val.Cost.mean(axis=0), -val_acc))[0])]
     policy: dict[str, Any] = {
         "rule": "argmax p - lambda * cost",
-        "lambda": float(ev["lambda"]),
-        "lambda_solved_by": ev.get("lambda_solved_by"),
+        "lambda": float(meta["lambda"]),
+        "lambda_solved_by": meta.get("lambda_solved_by"),
         "fallback_tier": fallback,  # most accurate on validation: the safe choice when unsure
         "cheapest_tier": names[int(np.argmin(val.Cost.mean(axis=0)))],
         "tier_latency_tokens": both_lat,
@@ -106,7 +106,7 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
 
         encoder = export_minilm_onnx(tmp / "encoder")
         encoder = {k: f"encoder/{v}" for k, v in encoder.items()}
-    headline = {k: ev.get(k) for k in ("router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy",
+    headline = {k: ev.get(k) for k in ("evaluated_queries", "cv_folds", "apgr_vs_logreg", "router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy",
                                        "best_fixed_mean_cost", "compute_saved_at_iso_accuracy", "apgr", "cpt50",
                                        "cpt80", "aiq", "oracle_accuracy", "oracle_mean_cost", "ece", "brier")}
     manifest = {
@@ -120,8 +120,10 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         "cost": c_meta,
         "policy": policy,
         "training": {"chosen": meta["chosen"], "cost_model": meta["cost_model"], "calibrated": meta["calibrated"],
-                     "train_queries": tr_metrics.get("train_queries"), "val_queries": tr_metrics.get("val_queries"),
-                     "val_brier": tr_metrics.get("val_brier"), "seed": params.seed},
+                     "train_queries": tr_metrics.get("train_queries"), "cv_brier": tr_metrics.get("cv_brier"),
+                     "cv_apgr": tr_metrics.get("cv_apgr"), "evaluation": tr_metrics.get("evaluation"),
+                     # what the fitting procedure chose in each evaluation fold
+                     "folds": ev.get("folds"), "seed": params.seed},
         "metrics": headline,
         "versions": versions(),
     }

@@ -206,10 +206,12 @@ def label(params: Params, run=NULL_RUN) -> dict[str, Any]:
 
         imported = import_outcomes(params.data.outcomes, params)
         out, tiers, bad, single = imported.outcomes, imported.tiers, imported.bad, None
+        splits_from = "table" if imported.own_split else "hash"
     else:
         (out, tiers, single), bad = outcomes_from_rollouts(params), []
+        splits_from = "queries"
     out = add_query_labels(out, cfg.threshold)
-    artifacts.write_outcomes(out, cfg.out)
+    artifacts.write_outcomes(out, cfg.out, splits_from=splits_from)
     order = tier_order(out)
     by_name = {t.name: t for t in tiers}
     artifacts.write_tiers([by_name[n].to_dict() for n in order], cfg.tiers_out)
@@ -221,6 +223,7 @@ def label(params: Params, run=NULL_RUN) -> dict[str, Any]:
         "tiers": len(order),
         "rows": len(out),
         "by_split": per_query["split"].value_counts().to_dict(),
+        "splits_from": splits_from,
         "tier_accuracy": {t: round(float(mean_p[t]), 4) for t in order},
         "tier_mean_cost": {t: round(float(mean_c[t]), 2) for t in order},
         "difficulty": per_query["difficulty"].value_counts().to_dict(),

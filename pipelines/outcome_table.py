@@ -65,36 +65,39 @@ def _bad(line: int, reason: str, **extra) -> dict[str, Any]:
 
 
 def validate_rows(df, declared: set[str] | None):
-    """Split rows into usable ones and a report of the rest (with line numbers)."""
+    """Split rows into usable ones and a report of the rest (with line numbers).
+
+    Vectorized (MMLU-Pro's 71,154 rows: seconds, not a minute); a row's first problem, in the
+    order below, is its reason."""
     import pandas as pd
 
-    bad, keep = [], []
-    for r in df.itertuples(index=False):
-        line = r.source_line
-        text = r.text if isinstance(r.text, str) else ("" if r.text is None or (isinstance(r.text, float) and math.isnan(r.text)) else str(r.text))
-        if not text.strip():
-            bad.append(_bad(line, "missing text", query_id=str(r.query_id)))
-            continue
-        if r.query_id is None or str(r.query_id).strip() in ("", "nan", "None"):
-            bad.append(_bad(line, "missing query_id"))
-            continue
-        tier = str(r.tier)
-        if declared is not None and tier not in declared:
-            bad.append(_bad(line, f"tier {tier!r} not declared in params", query_id=str(r.query_id)))
-            continue
-        correct = _number(r.correct)
-        if math.isnan(correct) or not 0.0 <= correct <= 1.0:
-            bad.append(_bad(line, f"correct must be in [0, 1], got {r.correct!r}", query_id=str(r.query_id)))
-            continue
-        cost = _number(r.cost)
-        if math.isnan(cost) or cost < 0:
-            bad.append(_bad(line, f"missing or negative cost {r.cost!r}", query_id=str(r.query_id)))
-            continue
-        split = getattr(r, "split", None)
-        split = str(split) if isinstance(split, str) and split in SPLITS else None
-        keep.append({"query_id": str(r.query_id), "text": text, "tier": tier, "correct": correct,
-                     "cost": cost, "split": split, "source_line": line})
-    return pd.DataFrame(keep, columns=["query_id", "text", "tier", "correct", "cost", "split", "source_line"]), bad
+    text = df["text"].map(lambda t: t if isinstance(t, str) else ("" if t is None or (isinstance(t, float)
+                                                                                      and math.isnan(t)) else str(t)))
+    qid = df["query_id"].map(lambda q: "" if q is None else str(q).strip())
+    tier = df["tier"].astype(str)
+    correct = pd.to_numeric(df["correct"], errors="coerce")
+    cost = pd.to_numeric(df["cost"], errors="coerce")
+    checks = [
+        (text.str.strip() == "", lambda i: _bad(df["source_line"][i], "missing text", query_id=str(df["query_id"][i]))),
+        (qid.isin(["", "nan", "None"]), lambda i: _bad(df["source_line"][i], "missing query_id")),
+        (~tier.isin(declared) if declared is not None else pd.Series(False, index=df.index),
+         lambda i: _bad(df["source_line"][i], f"tier {tier[i]!r} not declared in params", query_id=qid[i])),
+        (~correct.between(0.0, 1.0), lambda i: _bad(df["source_line"][i], f"correct must be in [0, 1], got "
+                                                    f"{df['correct'][i]!r}", query_id=qid[i])),
+        (~(cost >= 0), lambda i: _bad(df["source_line"][i], f"missing or negative cost {df['cost'][i]!r}",
+                                      query_id=qid[i])),
+    ]
+    bad, flagged = [], pd.Series(False, index=df.index)
+    for mask, report in checks:
+        new = mask & ~flagged
+        bad += [report(i) for i in new[new].index]
+        flagged |= new
+    ok = ~flagged
+    split = df["split"] if "split" in df.columns else pd.Series(None, index=df.index)
+    split = split.map(lambda v: str(v) if isinstance(v, str) and v in SPLITS else None)
+    keep = pd.DataFrame({"query_id": qid[ok], "text": text[ok], "tier": tier[ok], "correct": correct[ok].astype(float),
+                         "cost": cost[ok].astype(float), "split": split[ok], "source_line": df["source_line"][ok]})
+    return keep.reset_index(drop=True), sorted(bad, key=lambda b: b["line"])
 
 
 @dataclass
@@ -105,6 +108,7 @@ class ImportedOutcomes:
     tiers: list[Tier]
     queries: list[Query]
     bad: list[dict[str, Any]]
+    own_split: bool = False  # the table gave its queries' splits (else: by hash of query_id)
 
 
 def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
@@ -137,6 +141,9 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
         order = sorted(mean_cost.index, key=lambda t: (float(mean_cost[t]), t))
         tiers = [Tier(name=t, model=t, budget=0, samples=1, cost_per_token=1.0) for t in order]
     names = [t.name for t in tiers]
+    if len(names) < 2:
+        raise ValueError(f"{path}: the table has {len(names)} tier ({names}); routing chooses between at least "
+                         f"two tiers")
     # every query needs every tier, or policies cannot be compared on it
     have = agg.groupby("query_id")["tier"].apply(set)
     incomplete = have[have.apply(lambda s: not set(names) <= s)]
@@ -147,12 +154,13 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
     if agg.empty:
         raise ValueError(f"{path}: no query has every tier {names}")
     fractions = tuple(params.data.split)
+    per_query = agg.groupby("query_id", sort=True).agg(text=("text", "first"), split=("split", "first"))
+    source = f"outcomes:{Path(path).name}"
     queries, split_by_id = [], {}
-    for qid, g in agg.groupby("query_id", sort=True):
-        given = g["split"].dropna()
-        split = given.iloc[0] if len(given) else split_of(qid, fractions)
+    for qid, text, given in zip(per_query.index, per_query["text"], per_query["split"]):
+        split = given if isinstance(given, str) else split_of(qid, fractions)
         split_by_id[qid] = split
-        queries.append(Query(qid, str(g["text"].iloc[0]), "", "exact", f"outcomes:{Path(path).name}", split, {}))
+        queries.append(Query(qid, str(text), "", "exact", source, split, {}))
     by_name = {t.name: t for t in tiers}
     agg["split"] = agg["query_id"].map(split_by_id)
     agg["model"] = agg["tier"].map(lambda n: by_name[n].model)
@@ -162,4 +170,5 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
     agg["cost_tokens"] = agg["cost"] / price
     agg["latency_tokens"] = agg["cost_tokens"]  # the table has no sequence lengths: assume serial
     out = agg[list(OUTCOME_COLUMNS)].reset_index(drop=True)
-    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]))
+    own = bool(df["split"].notna().any())
+    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]), own_split=own)

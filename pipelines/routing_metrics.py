@@ -8,7 +8,9 @@ at random is always possible, so curves are compared through their upper concave
 Normalized cost ``x = (cost - c_weak) / (c_strong - c_weak)`` runs from the cheapest tier
 (weak) to the most accurate tier (strong); PGR is ``(acc - acc_weak) / (acc_strong - acc_weak)``.
 APGR is the mean PGR over x in [0, 1]; CPT(p) the smallest x whose PGR reaches p; AIQ the mean
-hull accuracy over the fixed tiers' cost range.
+hull accuracy over the fixed tiers' cost range. A router's curve includes both end points (all
+queries to the cheapest tier, all to the most accurate), as a RouteLLM router's threshold sweep
+does, so it never lies below the straight line between them: APGR 0.5 is "no better than random".
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ def sweep(P: np.ndarray, Cp: np.ndarray, Y: np.ndarray, Cost: np.ndarray, lams) 
 
 def realized(choice: np.ndarray, Y: np.ndarray, Cost: np.ndarray, rows=None) -> tuple[np.ndarray, np.ndarray]:
     """Mean realized accuracy and cost of each lambda's choices (over ``rows`` if given)."""
-    r = np.arange(Y.shape[0]) if rows is None else rows
-    acc = np.array([Y[r, ch[r]].mean() for ch in choice])
-    cost = np.array([Cost[r, ch[r]].mean() for ch in choice])
-    return acc, cost
+    r = np.arange(Y.shape[0]) if rows is None else np.asarray(rows)
+    ch = choice[:, r]
+    return Y[r[None, :], ch].mean(axis=1), Cost[r[None, :], ch].mean(axis=1)
+
+
+def curve(P: np.ndarray, Cp: np.ndarray, Y: np.ndarray, Cost: np.ndarray, lams=None):
+    """The policy's lambda sweep: (choices per lambda, realized accuracy, realized cost)."""
+    lams = lambda_grid(Cp, 120) if lams is None else lams
+    choice = sweep(P, Cp, Y, Cost, lams)
+    return (choice, *realized(choice, Y, Cost))
 
 
 def upper_hull(cost: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,11 +72,11 @@ def upper_hull(cost: np.ndarray, acc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return h[:, 0], h[:, 1]
 
 
-def acc_at_cost(hc: np.ndarray, ha: np.ndarray, c: float) -> float:
-    """Hull accuracy reachable with mean cost <= c (nan below the cheapest point)."""
-    if c < hc[0] - 1e-12:
-        return float("nan")
-    return float(np.interp(c, hc, ha))
+def acc_at_cost(hc: np.ndarray, ha: np.ndarray, c):
+    """Hull accuracy reachable with mean cost <= c (nan below the cheapest point); ``c`` may be
+    an array."""
+    out = np.where(np.asarray(c) < hc[0] - 1e-12, np.nan, np.interp(c, hc, ha))
+    return float(out) if np.ndim(out) == 0 else out
 
 
 def cost_for_acc(hc: np.ndarray, ha: np.ndarray, a: float) -> float:
@@ -103,7 +111,9 @@ def headline(acc: np.ndarray, cost: np.ndarray, Y: np.ndarray, Cost: np.ndarray,
     order = np.lexsort((fc, -fa))  # most accurate first, cheaper first among equals
     best = int(order[0])
     weak = int(np.lexsort((-fa, fc))[0])  # cheapest tier (the more accurate among equals)
-    hc, ha = upper_hull(np.concatenate([cost, [fc[weak]]]), np.concatenate([acc, [fa[weak]]]))
+    # the curve spans the cheapest and the most accurate tier, as a RouteLLM router's threshold
+    # sweep does: sending everything to either is always possible
+    hc, ha = upper_hull(np.concatenate([cost, [fc[weak], fc[best]]]), np.concatenate([acc, [fa[weak], fa[best]]]))
     out: dict[str, Any] = {
         "best_fixed_tier_index": best,
         "best_fixed_accuracy": float(fa[best]),
@@ -115,7 +125,7 @@ def headline(acc: np.ndarray, cost: np.ndarray, Y: np.ndarray, Cost: np.ndarray,
     a_w, a_s, c_w, c_s = float(fa[weak]), float(fa[best]), float(fc[weak]), float(fc[best])
     xs = np.linspace(0.0, 1.0, 201)
     if a_s - a_w > 1e-12 and c_s - c_w > 1e-12:
-        pgr = np.array([(acc_at_cost(hc, ha, c_w + x * (c_s - c_w)) - a_w) / (a_s - a_w) for x in xs])
+        pgr = (acc_at_cost(hc, ha, c_w + xs * (c_s - c_w)) - a_w) / (a_s - a_w)
         pgr = np.nan_to_num(pgr, nan=0.0)
         out["apgr"] = float(np.trapezoid(pgr, xs))
         for p, key in ((0.5, "cpt50"), (0.8, "cpt80")):
@@ -126,7 +136,7 @@ def headline(acc: np.ndarray, cost: np.ndarray, Y: np.ndarray, Cost: np.ndarray,
     lo, hi = float(fc.min()), float(fc.max())
     if hi - lo > 1e-12:
         cs = np.linspace(lo, hi, 201)
-        qa = np.array([acc_at_cost(hc, ha, c) for c in cs])
+        qa = acc_at_cost(hc, ha, cs)
         out["aiq"] = float(np.trapezoid(np.nan_to_num(qa, nan=float(ha[0])), cs) / (hi - lo))
     else:
         out["aiq"] = None

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI step: the runtime installs alone. The pipeline venv exports two bundles the way a user does
-# (`python -m pipelines all` on a small outcome table): the default one (MiniLM features, ONNX
-# encoder shipped in the bundle, with export's parity check) and one trained on the static
-# embedding. A fresh venv then gets the base install only (no torch, no pipeline extras), loads
+# (`python -m pipelines all` on a small outcome table): one on contextual MiniLM features (ONNX
+# encoder shipped in the bundle, with export's parity check) and one on the static embedding
+# (the default). A fresh venv then gets the base install only (no torch, no pipeline extras), loads
 # both and routes with the torch-free featurizers. Prints the install time and size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ import yaml
 from tests.pipelines.test_train import outcome_table, raw_params
 
 work = Path(sys.argv[1])
-for name, embedding in (("default", None), ("static", "all-MiniLM-L6-v2-static")):
+for name, embedding in (("contextual", "all-MiniLM-L6-v2"), ("static", "all-MiniLM-L6-v2-static")):
     d = work / name
     d.mkdir()
     outcome_table(d / "table.csv", n=60)
@@ -29,7 +29,7 @@ for name, embedding in (("default", None), ("static", "all-MiniLM-L6-v2-static")
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{d / 'mlflow.db'}"}
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
 PY
-for name in default static; do
+for name in contextual static; do
   MLFLOW_TRACKING_URI="sqlite:///$WORK/$name/mlflow.db" .venv/bin/python -m pipelines all \
     --params "$WORK/$name/params.yaml" > "$WORK/$name/pipeline.log" 2>&1 \
     || { tail -40 "$WORK/$name/pipeline.log"; exit 1; }
@@ -39,7 +39,7 @@ python3 -m venv "$WORK/rt"
 "$WORK/rt/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt .
 echo "runtime install: $(( $(date +%s) - start )) s, $(du -sm "$WORK/rt" | cut -f1) MB venv"
 cd "$WORK"  # away from the checkout, so only the installed package can be imported
-"$WORK/rt/bin/python" - "$WORK/default/router" "$WORK/static/router" <<'PY'
+"$WORK/rt/bin/python" - "$WORK/contextual/router" "$WORK/static/router" <<'PY'
 import importlib.util, json, sys
 assert importlib.util.find_spec("torch") is None, "the base install must not pull torch"
 assert importlib.util.find_spec("sentence_transformers") is None

@@ -56,7 +56,7 @@ def test_every_stage_ran_and_metrics_show(project):
     for s in STAGES:
         assert f"Running stage '{s}'" in first, s
     shown = dvc("metrics", "show", "--json", cwd=d, env=env)
-    for key in ("compute_saved_at_iso_accuracy", "apgr", "cpt50", "val_brier", "naive_tokens"):
+    for key in ("compute_saved_at_iso_accuracy", "apgr", "cpt50", "cv_brier", "apgr_vs_logreg", "naive_tokens"):
         assert key in shown, key
     assert (d / "models" / "router" / "manifest.json").exists()
 
@@ -78,7 +78,7 @@ def test_mlflow_has_a_run_per_stage_with_params_metrics_artifacts(project):
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert "params.yaml" in arts, (s, arts)
     saved = json.loads((d / "metrics" / "train.json").read_text())
-    assert by_stage["train"].data.metrics["val_brier"] == pytest.approx(saved["val_brier"])
+    assert by_stage["train"].data.metrics["cv_brier"] == pytest.approx(saved["cv_brier"])
     assert by_stage["train"].data.params["train.calibrate"] == "True"
     del mlflow
 
@@ -103,7 +103,7 @@ def test_pipelines_all_reproduces_the_dvc_metrics(project, tmp_path):
     for key in ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "apgr", "lambda"):
         assert after["evaluate.json"][key] == pytest.approx(before["evaluate.json"][key], abs=1e-9), key
     assert after["train.json"]["chosen"] == before["train.json"]["chosen"]
-    assert after["train.json"]["val_brier"] == pytest.approx(before["train.json"]["val_brier"], abs=1e-12)
+    assert after["train.json"]["cv_brier"] == pytest.approx(before["train.json"]["cv_brier"], abs=1e-12)
 
 
 def test_experiments_run_side_by_side_and_diff(project, tmp_path):

@@ -14,7 +14,8 @@ from tests.pipelines.test_train import outcome_table, params_for, raw_params, ru
 CONTRACT_KEYS = (
     "router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy", "best_fixed_mean_cost",
     "compute_saved_at_iso_accuracy", "accuracy_gain_at_iso_cost", "apgr", "cpt50", "cpt80", "aiq",
-    "oracle_accuracy", "oracle_mean_cost", "ece", "brier",
+    "oracle_accuracy", "oracle_mean_cost", "ece", "brier", "evaluated_queries", "cv_folds", "baselines",
+    "apgr_vs_logreg", "apgr_vs_logreg_ci",
 )
 
 
@@ -46,10 +47,18 @@ def test_evaluate_writes_contract_keys_and_plots(pipeline):
     for k in ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accuracy", "apgr"):
         lo, hi = saved[f"{k}_ci"]
         assert lo <= hi
+    # 160 queries, no split column of the table's own: every query is predicted out of fold
+    assert saved["cv_folds"] == 5 and saved["evaluated_queries"] == 160 and len(saved["folds"]) == 5
+    assert set(saved["baselines"]) == {"constant", "logreg", "random"}  # knn needs an embedding
+    for b in saved["baselines"].values():
+        assert {"apgr", "compute_saved_at_iso_accuracy", "aiq"} <= set(b)
+    assert saved["baselines"]["random"]["apgr"] >= 0.5 - 1e-9  # the hull of fixed tiers: 0.5 or above
+    lo, hi = saved["apgr_vs_logreg_ci"]
+    assert lo <= saved["apgr_vs_logreg"] <= hi
     assert saved["oracle_accuracy"] >= saved["best_fixed_accuracy"] - 1e-9
     assert saved["oracle_accuracy"] >= saved["router_accuracy"] - 1e-9
     for f in ("pareto.png", "calibration.png", "tier_mix.png", "router_curve.csv", "fixed_tiers.csv",
-              "calibration.csv", "tier_mix.csv"):
+              "calibration.csv", "tier_mix.csv", "baseline_curves.csv"):
         assert (tmp / "plots" / f).stat().st_size > 0
     # the table has a learnable signal: the router must beat a random mix of fixed tiers
     assert saved["apgr"] > 0.5
@@ -101,18 +110,20 @@ def test_registered_model_loads_by_alias(pipeline):
 
 @pytest.fixture(scope="module")
 def default_pipeline(tmp_path_factory):
-    """The export path a user gets by default: MiniLM features, the ONNX encoder shipped in the
-    bundle (with export's own parity check against sentence-transformers), every candidate."""
+    """The contextual export path: MiniLM features, the ONNX encoder shipped in the bundle (with
+    export's own parity check against sentence-transformers), every default candidate."""
     import yaml
 
     from pipelines import evaluate, export
 
     tmp = tmp_path_factory.mktemp("default-export")
     outcome_table(tmp / "table.csv", n=60)
+    # holdout mode: the bundle is fitted on train + val, so the test split is truly held out here
     raw = raw_params(tmp, tmp / "table.csv",
-                     evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 50},
+                     evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 50,
+                               "cv_folds": 0},
                      export={"out_dir": str(tmp / "router")})
-    raw["featurize"] = {"out": str(tmp / "features.parquet")}  # the default embedding and encoder
+    raw["featurize"] = {"out": str(tmp / "features.parquet"), "embedding": "all-MiniLM-L6-v2"}  # its default encoder
     raw["train"].pop("candidates")  # the default candidates, knn included
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     p = parse_params(raw)
@@ -131,6 +142,9 @@ def test_default_export_ships_onnx_and_routes_like_training(default_pipeline):
     from router import Router
 
     tmp, p = default_pipeline
+    ev = json.loads((tmp / "evaluate.json").read_text())
+    assert ev["cv_folds"] == 0 and ev["evaluated_queries"] == ev["test_queries"] > 0
+    assert {"constant", "logreg", "knn", "random"} == set(ev["baselines"])
     r = Router.load(tmp / "router")  # auto: the bundle's ONNX encoder, no torch needed
     assert r.featurizer.encoder_name == "onnx"
     assert r.manifest["encoder"]["onnx"].endswith(".onnx")

@@ -74,13 +74,15 @@ def test_import_reports_bad_rows_with_line_numbers(tmp_path):
 
 def test_import_with_declared_tiers_rejects_undeclared(tmp_path):
     rows = [{"query_id": "q", "text": "t", "tier": "a", "correct": 1, "cost": 1},
-            {"query_id": "q", "text": "t", "tier": "zz", "correct": 0, "cost": 3}]
+            {"query_id": "q", "text": "t", "tier": "zz", "correct": 0, "cost": 3},
+            {"query_id": "q", "text": "t", "tier": "b", "correct": 0, "cost": 2}]
     pd.DataFrame(rows).to_json(tmp_path / "t.jsonl", orient="records", lines=True)
-    p = parse_params({"models": {"a": {}}, "tiers": {"list": [{"name": "a", "model": "a", "budget": 0}]}})
+    p = parse_params({"models": {"a": {}}, "tiers": {"list": [{"name": "a", "model": "a", "budget": 0},
+                                                              {"name": "b", "model": "a", "budget": 8}]}})
     imported = import_outcomes(str(tmp_path / "t.jsonl"), p)
     out, bad = imported.outcomes, imported.bad
     assert bad == [{"line": 2, "reason": "tier 'zz' not declared in params", "query_id": "q"}]
-    assert out["tier"].tolist() == ["a"]
+    assert out["tier"].tolist() == ["a", "b"]
 
 
 def test_import_orders_undeclared_tiers_by_mean_cost_then_name(tmp_path):

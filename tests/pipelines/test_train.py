@@ -1,5 +1,6 @@
-"""Train stage: an imported outcome table trains end to end; splits never share a query;
-the test split is never read; featurize embeds only new queries."""
+"""Train stage: an imported outcome table trains end to end; splits never share a query; in
+holdout mode the test split is never read; bad tables get clear errors; featurize embeds only
+new queries."""
 
 from __future__ import annotations
 
@@ -72,8 +73,11 @@ def test_imported_table_trains_and_reports_metrics(tmp_path):
             row = saved["models"][name]["per_tier"][tier]
             assert {"log_loss", "brier", "auc"} <= set(row)
     assert set(saved["cost_models"]) == {"constant", "lgbm_joint"}
+    # 90 queries, no split column: evaluation cross-fits, so the bundle is fitted on all of them
+    assert saved["evaluation"]["cv_folds"] == 5 and saved["train_queries"] == 90
+    assert isinstance(saved["lambda"], float)
     # the signal (number size) is in the lexical features: the chosen model must beat the base rate
-    assert m["val_brier"] < m["constant_val_brier"]
+    assert m["cv_brier"] < m["constant_cv_brier"]
     assert (tmp_path / "train" / "model.json").exists()
     assert not list((tmp_path / "train").glob("*.pkl")) and not list((tmp_path / "train").glob("*.joblib"))
 
@@ -82,8 +86,9 @@ def test_splits_disjoint_and_test_split_never_read(tmp_path):
     from pipelines.train import train
 
     outcome_table(tmp_path / "table.csv")
-    p = params_for(tmp_path, tmp_path / "table.csv")
+    p = params_for(tmp_path, tmp_path / "table.csv", evaluate={"cv_folds": 0})  # holdout: test is held out
     first = run_to_train(p)
+    assert first["evaluation"]["cv_folds"] == 0
     out = pd.read_parquet(tmp_path / "outcomes.parquet")
     per_query = out.groupby("query_id")["split"].nunique()
     assert (per_query == 1).all()
@@ -95,8 +100,90 @@ def test_splits_disjoint_and_test_split_never_read(tmp_path):
     out.loc[out["split"] == "test", "cost"] = -1e9
     out.to_parquet(tmp_path / "outcomes.parquet", index=False)
     second = train(p)
-    assert second["val_brier"] == pytest.approx(first["val_brier"], abs=1e-12)
+    assert second["cv_brier"] == pytest.approx(first["cv_brier"], abs=1e-12)
     assert second["chosen"] == first["chosen"]
+
+
+def test_new_candidates_fit_and_reload_with_equal_predictions(tmp_path):
+    """Every candidate (gain models, cumulative, blend, PCA-projected trees) predicts the same
+    after a save/load round trip in data formats, and through inner cross-validation."""
+    from pipelines import learn
+    from pipelines.artifacts import Dataset
+    from pipelines.config import PolicyConfig, TrainConfig
+    from router.models import load_predictor
+
+    rng = np.random.default_rng(0)
+    n = 120
+    X = np.concatenate([rng.normal(size=(n, 3)), rng.normal(size=(n, 40))], axis=1)
+    hard = X[:, 0] > 0
+    Y = np.stack([np.where(hard, 0.1, 0.9), np.where(hard, 0.7, 0.95)], axis=1)
+    Y = (rng.random(Y.shape) < Y).astype(float)
+    Cost = np.stack([np.full(n, 2.0), 100 + 50 * (X[:, 1] > 0)], axis=1)
+    tiers = [{"name": "direct", "model": "m", "budget": 0, "samples": 1},
+             {"name": "cot", "model": "m", "budget": 256, "samples": 1}]
+    ds = Dataset([f"q{i}" for i in range(n)], np.array(["train"] * n), X, Y, Cost, tiers,
+                 ["a", "b", "c"] + [f"emb_{i}" for i in range(40)])
+    cfg = TrainConfig(candidates=("constant", "logreg", "knn", "lgbm_gain", "ridge_gain", "sufficient", "blend",
+                                  "lgbm_joint", "lgbm_per_tier"), tree_embedding_dims=8,
+                      lgbm={**TrainConfig().lgbm, "n_estimators": 80})
+    rows = np.arange(90)
+    for name in cfg.candidates:
+        m = learn.fit_success(name, ds, rows, cfg)
+        d = tmp_path / name
+        d.mkdir()
+        again = load_predictor(d, m.save(d, "s_"))
+        np.testing.assert_allclose(again.predict(X[90:]), m.predict(X[90:]), atol=1e-9)
+        assert m.predict(X[90:]).shape == (30, 2)
+    fit = learn.fit_router(ds, rows, cfg, PolicyConfig())
+    assert fit.chosen in cfg.candidates and set(fit.report["models"]) == set(cfg.candidates)
+    assert fit.cost_model == "lgbm_joint"  # the cot tier's cost varies with feature b
+    assert 0 <= fit.success.predict(X[90:]).min() and fit.success.predict(X[90:]).max() <= 1
+
+
+@pytest.mark.parametrize("case", ["one_tier", "never_solved", "equal_costs", "nan_cost", "few_queries"])
+def test_bad_tables_get_a_clear_error_or_a_documented_fallback(tmp_path, case, caplog):
+    """The issue's bad inputs: a clear ValueError before any model is fitted, or a documented
+    fallback (a warning in train.json, bad rows in the label report, fewer folds)."""
+    from pipelines.evaluate import evaluate
+
+    outcome_table(tmp_path / "table.csv", n=40 if case != "few_queries" else 9)
+    df = pd.read_csv(tmp_path / "table.csv")
+    if case == "one_tier":
+        df = df[df["tier"] == "think"]
+    elif case == "never_solved":
+        df.loc[df["tier"] == "vote", "correct"] = 0
+    elif case == "equal_costs":
+        df["cost"] = 7
+    elif case == "nan_cost":
+        df["cost"] = df["cost"].astype(float)
+        df.loc[(df["query_id"] == "q003") & (df["tier"] == "think"), "cost"] = np.nan
+    df.to_csv(tmp_path / "table.csv", index=False)
+    p = params_for(tmp_path, tmp_path / "table.csv",
+                   evaluate={"metrics": str(tmp_path / "evaluate.json"), "plots_dir": str(tmp_path / "plots"),
+                             "bootstrap": 20})
+    if case == "one_tier":
+        with pytest.raises(ValueError, match="at least two tiers"):
+            run_to_train(p)
+        return
+    m = run_to_train(p)
+    ev = evaluate(p)
+    if case == "never_solved":
+        assert any("vote never solves" in w for w in m["warnings"])
+        assert ev["tier_mix"].get("vote", 0.0) == 0.0
+    elif case == "equal_costs":
+        assert any("costs the same" in w for w in m["warnings"])
+        assert ev["apgr"] is None and ev["compute_saved_at_iso_accuracy"] is not None
+    elif case == "nan_cost":
+        report = json.loads((tmp_path / "label.json").read_text())
+        assert any("cost" in b["reason"] for b in report["bad_rows"])  # reported with its line number
+        assert ev["evaluated_queries"] == 39  # the query with the NaN cost is left out, not guessed
+    elif case == "few_queries":
+        assert ev["cv_folds"] == 2 and "reduced to 2 folds" in ev["evaluation"]
+        with pytest.raises(ValueError, match="too few to cross-fit"):
+            from pipelines.learn import evaluation_folds
+            from pipelines.config import EvaluateConfig
+
+            evaluation_folds({"queries": 6, "by_split": {}, "splits_from": "hash"}, EvaluateConfig())
 
 
 def test_featurize_embeds_only_new_queries(tmp_path):
@@ -130,12 +217,14 @@ def test_featurize_with_the_static_embedding_recomputes_and_matches_the_runtime_
 
     qs = [Query.create(f"How many legs do {i} spiders have?", str(8 * i), "gsm8k", "t") for i in range(12)]
     write_queries(qs, tmp_path / "q.parquet")
-    base = {"prepare": {"out": str(tmp_path / "q.parquet")}, "featurize": {"out": str(tmp_path / "f.parquet")}}
+    base = {"prepare": {"out": str(tmp_path / "q.parquet")},
+            "featurize": {"out": str(tmp_path / "f.parquet"), "embedding": "all-MiniLM-L6-v2"}}
     featurize(parse_params(base))
     files = sd.static_files()  # distilled once per machine: the cache is reused from here on
     monkeypatch.setattr(sd, "distill_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-distilled")))
     p = parse_params({**base, "featurize": {**base["featurize"], "embedding": MINILM_STATIC}})
     assert featurize(p)["embedded"] == 12  # another spec: the contextual cache is not reused
+    assert parse_params({}).featurize.embedding == MINILM_STATIC  # the default
     df, spec = read_features(tmp_path / "f.parquet")
     assert spec.embedding == MINILM_STATIC
     emb = df[[c for c in df.columns if c.startswith("emb_")]].to_numpy()

@@ -3,7 +3,7 @@
 Queries are arithmetic questions whose numbers have 1 to 7 digits; each tier's chance of
 answering depends on that size (cheap tiers fail on big numbers, costly ones hold on), so
 a trained model has something real to learn. Features come from the real featurizer, models
-from ``pipelines.train``'s own fitting functions, and the bundle is written with the same
+from ``pipelines.learn``'s own fitting functions, and the bundle is written with the same
 manifest layout as ``pipelines/export.py``.
 
     from tests.router.bundle_fixture import make_bundle
@@ -98,7 +98,7 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     from pipelines.export import ood_reference, versions
     from pipelines.artifacts import Dataset
     from pipelines.config import TrainConfig
-    from pipelines.train import fit_cost, fit_success
+    from pipelines.learn import fit_cost, fit_success
     from router.bundle import write_manifest
     from router.featurizer import Featurizer, FeaturizerSpec
     from router.models import Clipped
