@@ -128,10 +128,36 @@ def stage_code(stage: str, root: Path = REPO) -> list[str]:
     return sorted(files_of(closure(STAGE_ENTRY[stage], graph(root)), root))
 
 
-if __name__ == "__main__":  # python -m tests.code_graph --dvc: the code deps of every stage, as YAML
+def write_dvc_deps(path: Path = REPO / "dvc.yaml") -> None:
+    """Rewrite each stage's code deps in dvc.yaml (the `- pipelines/...`/`- router/...` lines of its
+    `deps:`) from the import graph, leaving every other line (data deps, params, comments) as it is."""
+    import re
+
+    lines, out, stage, in_deps = path.read_text().splitlines(), [], None, False
+    for line in lines:
+        m = re.match(r"^  (\w+):\s*$", line)
+        if m:
+            stage, in_deps = m.group(1), False
+        if re.match(r"^    deps:\s*$", line):
+            in_deps = True
+            out.append(line)
+            continue
+        if in_deps and re.match(r"^      - (pipelines|router)/", line):
+            continue  # dropped here, written after the stage's data deps
+        if in_deps and not re.match(r"^      - ", line):
+            out += [f"      - {f}" for f in stage_code(stage)] if stage in STAGE_ENTRY else []
+            in_deps = False
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":  # python -m tests.code_graph --dvc [--write]: the code deps of every stage
     import sys
 
-    if sys.argv[1:] != ["--dvc"]:
-        raise SystemExit("usage: python -m tests.code_graph --dvc")
-    for s in STAGE_ENTRY:
-        print(f"{s}:\n" + "\n".join(f"      - {f}" for f in stage_code(s)))
+    if sys.argv[1:] == ["--dvc", "--write"]:
+        write_dvc_deps()
+    elif sys.argv[1:] == ["--dvc"]:
+        for s in STAGE_ENTRY:
+            print(f"{s}:\n" + "\n".join(f"      - {f}" for f in stage_code(s)))
+    else:
+        raise SystemExit("usage: python -m tests.code_graph --dvc [--write]")
