@@ -74,13 +74,13 @@ def synthetic_queries(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(digits, dtype=np.float64)
 
 
-def synthetic_outcomes(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_outcomes(digits: np.ndarray, seed: int = 0, tiers=TIERS) -> tuple[np.ndarray, np.ndarray]:
     """Soft p_correct (8 simulated samples per tier) and cost (tokens x price) per query."""
     rng = np.random.default_rng(seed)
     n = len(digits)
-    Y = np.empty((n, len(TIERS)))
-    C = np.empty((n, len(TIERS)))
-    for t, (_, _, budget, k, price, a, s) in enumerate(TIERS):
+    Y = np.empty((n, len(tiers)))
+    C = np.empty((n, len(tiers)))
+    for t, (_, _, budget, k, price, a, s) in enumerate(tiers):
         p = 1 / (1 + np.exp(-(a - s * digits)))
         if k > 1:  # majority of k: better when p > 1/2
             p = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
@@ -91,10 +91,12 @@ def synthetic_outcomes(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, n
 
 
 def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, seed: int = 0,
-                 featurizer=None, static: bool = False) -> BuiltBundle:
+                 featurizer=None, static: bool = False, tiers=TIERS, execution=None) -> BuiltBundle:
     """Build the bundle in ``tmp_dir/router`` and return it with its training-side objects.
 
-    ``static``: trained and served on the distilled static embedding (no ONNX graph)."""
+    ``static``: trained and served on the distilled static embedding (no ONNX graph). ``tiers``:
+    rows like ``TIERS``. ``execution``: {model: ``router.execution.ModelExecution``}, written as
+    the manifest's ``execution`` section the way export writes it (None: no section)."""
     from pipelines.export import ood_reference, versions
     from pipelines.artifacts import Dataset
     from pipelines.config import TrainConfig
@@ -105,7 +107,7 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     from router.policy import choose_batch, solve_lambda
 
     texts, digits = synthetic_queries(n_queries, seed)
-    Y, Cost = synthetic_outcomes(digits, seed)
+    Y, Cost = synthetic_outcomes(digits, seed, tiers)
     static_kwargs = {}
     if static:
         from pipelines.static_distill import static_files
@@ -119,8 +121,9 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     fz = featurizer or Featurizer(spec, encoder_kwargs=static_kwargs)
     X = fz.transform(texts).astype(np.float64)
     split = np.asarray(["train", "train", "train", "val", "test"] * (n_queries // 5 + 1))[:n_queries]
+    tier_rows = tiers
     tiers = [{"name": n, "model": m, "budget": b, "samples": k, "cost_per_token": p}
-             for n, m, b, k, p, _, _ in TIERS]
+             for n, m, b, k, p, _, _ in tier_rows]
     names = [t["name"] for t in tiers]
     ds = Dataset([f"q{i:04d}" for i in range(n_queries)], split, X, Y, Cost, tiers, spec.feature_names())
     tr, va = ds.rows("train"), ds.rows("val")
@@ -178,6 +181,10 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
         "metrics": {"router_accuracy": None},
         "versions": versions(),
     }
+    if execution is not None:
+        from router.execution import execution_section
+
+        manifest["execution"] = execution_section(execution)
     manifest = write_manifest(out, manifest)
     return BuiltBundle(out, texts, split, X, Y, Cost, success, cost, fz, manifest)
 
