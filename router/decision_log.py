@@ -119,7 +119,12 @@ def rotated_files(path: str | Path) -> list[Path]:
     path = Path(path)
     suffix = path.suffix or ".jsonl"
     files = [p for p in path.parent.glob(f"{path.stem}.*{suffix}") if p != path]
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def order(p: Path):  # <stem>.<UTC time>.<n><suffix>: by time written, then rotation number
+        n = p.name[len(path.stem) + 1: -len(suffix)].rpartition(".")[2]
+        return p.stat().st_mtime_ns, int(n) if n.isdigit() else 0, p.name
+
+    return sorted(files, key=order)
 
 
 def log_files(path: str | Path) -> list[Path]:

@@ -194,7 +194,7 @@ def make_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, st
     return build_bundle(tmp_dir, n_queries=n_queries, onnx=onnx, static=static).path
 
 
-_SESSION: dict[tuple, BuiltBundle] = {}
+_SESSION: dict = {}
 
 
 def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True, static: bool = False) -> BuiltBundle:
@@ -204,6 +204,35 @@ def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True, st
         _SESSION[key] = build_bundle(tmp_path_factory.mktemp("bundle"), n_queries=n_queries, onnx=onnx,
                                      static=static)
     return _SESSION[key]
+
+
+# a bundle to serve with the proxy: two models (both SmolLM2 behind llama.cpp's server in the
+# tests) with small budgets, since one busy core makes ~30-100 tokens per second
+PROXY_TIERS = (
+    ("small-b0-k1", "small", 0, 1, 1.0, 3.0, 1.3),
+    ("small-b8-k1", "small", 8, 1, 1.0, 4.5, 1.0),
+    ("small-b16-k1", "small", 16, 1, 1.0, 5.5, 0.8),
+    ("small-b16-k3", "small", 16, 3, 1.0, 6.5, 0.75),
+    ("big-b12-k1", "big", 12, 1, 4.0, 8.0, 0.7),
+)
+PROXY_SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
+
+
+def proxy_execution(tokens_per_second: float | None = 50.0):
+    """The execution settings of both proxy-bundle models: SmolLM2's chat template."""
+    from router.execution import ModelExecution
+
+    return ModelExecution(template="chatml", system_prompt=PROXY_SYSTEM, answer_tokens=8,
+                          tokens_per_second=tokens_per_second)
+
+
+def session_proxy_bundle(tmp_path_factory) -> BuiltBundle:
+    """One static-embedding (the fastest featurizer) proxy bundle per test session."""
+    if "proxy" not in _SESSION:
+        ex = proxy_execution()
+        _SESSION["proxy"] = build_bundle(tmp_path_factory.mktemp("proxy_bundle"), n_queries=60, static=True,
+                                         tiers=PROXY_TIERS, execution={"small": ex, "big": ex})
+    return _SESSION["proxy"]
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

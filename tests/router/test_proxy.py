@@ -24,23 +24,14 @@ from router.execution import ModelExecution
 from router.executor import execute
 from router.proxy import ProxyConfig, make_proxy_server
 from router.upstream import OpenAIUpstream
-from tests.router.bundle_fixture import build_bundle
+from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution, session_proxy_bundle
 from tests.upstreams import free_port, llama_server, needs_llama_server
 
 pytestmark = [pytest.mark.slow, needs_llama_server]
 openai = pytest.importorskip("openai")
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
-# small budgets: SmolLM2 on one busy core makes ~30-100 tokens per second
-TIERS = (
-    ("small-b0-k1", "small", 0, 1, 1.0, 3.0, 1.3),
-    ("small-b8-k1", "small", 8, 1, 1.0, 4.5, 1.0),
-    ("small-b16-k1", "small", 16, 1, 1.0, 5.5, 0.8),
-    ("small-b16-k3", "small", 16, 3, 1.0, 6.5, 0.75),
-    ("big-b12-k1", "big", 12, 1, 4.0, 8.0, 0.7),
-)
-EXECUTION = ModelExecution(template="chatml", system_prompt=SYSTEM, answer_tokens=8, tokens_per_second=50.0)
+EXECUTION = proxy_execution()
 QUESTION = "What is 17 + 25?"
 
 
@@ -51,8 +42,7 @@ def chat(text: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A static-embedding bundle (the fastest featurizer) whose two models are both SmolLM2."""
-    return build_bundle(tmp_path_factory.mktemp("proxy_bundle"), n_queries=60, static=True, tiers=TIERS,
-                        execution={"small": EXECUTION, "big": EXECUTION})
+    return session_proxy_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +308,7 @@ def test_cli_serves_and_exits_cleanly_on_sigterm(bundle, tmp_path):
         if proc.poll() is None:
             proc.kill()
     # a bundle without execution settings: refused at start, naming what is missing
-    old = build_bundle(tmp_path / "old", n_queries=40, static=True, tiers=TIERS)
+    old = build_bundle(tmp_path / "old", n_queries=40, static=True, tiers=PROXY_TIERS)
     out = subprocess.run(cmd[:5] + [str(old.path)] + cmd[6:], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "no execution settings for model(s) ['big', 'small']" in out.stderr
