@@ -40,6 +40,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,21 @@ RETRYABLE = ("connect", "timeout", "garbage", "server")
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.CannotSendRequest)
 
 
+def _no_delay(cls):
+    """``cls`` (an ``http.client`` connection class) with TCP_NODELAY: http.client sends a request's
+    headers and body in two writes, which Nagle's algorithm may hold for the peer's delayed ACK."""
+
+    class NoDelay(cls):
+        def connect(self):
+            super().connect()
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    return NoDelay
+
+
+_HTTP, _HTTPS = _no_delay(http.client.HTTPConnection), _no_delay(http.client.HTTPSConnection)
+
+
 class UpstreamError(RolloutError):
     """An upstream call failed. ``kind``: connect | timeout | server (5xx, 429) | client (other
     4xx) | garbage (not an OpenAI completion) | closed; ``status``: the HTTP status, if any."""
@@ -89,7 +105,7 @@ class ConnectionPool:
             raise ValueError(f"upstream URL must be http(s)://host[:port][/path], got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.prefix = u.path.rstrip("/")
-        self._cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        self._cls = _HTTPS if u.scheme == "https" else _HTTP
         self._host, self._port = u.hostname, u.port
         self.timeout = float(timeout)
         self._idle: list[http.client.HTTPConnection] = []
@@ -348,8 +364,9 @@ class OpenAIUpstream:
                                 _status_kind(resp.status), resp.status)
         return conn, resp
 
-    def _body(self, prompt: str, max_tokens: int, temperature: float, sampling: SamplingConfig,
-              seed: int, stop: tuple[str, ...]) -> dict:
+    def body(self, prompt: str, max_tokens: int, temperature: float, sampling: SamplingConfig,
+             seed: int, stop: tuple[str, ...]) -> dict:
+        """The completion request this engine sends (``model`` is added when it is sent)."""
         body = {"prompt": prompt, "n": 1, "max_tokens": int(max_tokens), "temperature": float(temperature),
                 "top_p": float(sampling.top_p), "seed": int(seed), "stream": False}
         if self.token_strings:
@@ -395,13 +412,13 @@ class OpenAIUpstream:
                     return
                 # max_tokens=0 means "no limit" to some servers: one token, ignored, tells the
                 # prompt's token count
-                out = self.complete(self._body(r.prompt, 1, 0.0, s, seed, ()))
+                out = self.complete(self.body(r.prompt, 1, 0.0, s, seed, ()))
                 run.add_usage(q, out["usage"])
                 run.put(q, i, Completion("", [], False))
                 if i == 0:
                     run.prompt_tokens[q] = int(out["usage"].get("prompt_tokens") or 0)
                 return
-            out = self.complete(self._body(r.prompt, r.max_tokens, s.temperature, s, seed, run.stops))
+            out = self.complete(self.body(r.prompt, r.max_tokens, s.temperature, s, seed, run.stops))
             run.add_usage(q, out["usage"])
             run.put(q, i, self._completion(out, r.max_tokens))
             if i == 0:
@@ -437,7 +454,7 @@ class OpenAIUpstream:
             r = run.requests[job.request]
             c = run.completions[job.request][job.sample]
             prefix = r.prompt + self.cut_text(c, job.budget) + r.forcing_text(job.budget)
-            out = self.complete(self._body(prefix, r.answer_tokens, s.force_temperature, s, job.seed, run.answer_stops))
+            out = self.complete(self.body(prefix, r.answer_tokens, s.force_temperature, s, job.seed, run.answer_stops))
             run.add_usage(job.request, out["usage"])
             if job.budget == 0 and job.sample == 0 and not run.prompt_tokens[job.request]:
                 run.prompt_tokens[job.request] = int(out["usage"].get("prompt_tokens") or 0)
@@ -468,14 +485,14 @@ class OpenAIUpstream:
         if B == 0:
             completion = Completion("", [], False, count=0)
         else:
-            body = self._body(request.prompt, B, sampling.temperature, sampling, run.sample_seed(0, 0), run.stops)
+            body = self.body(request.prompt, B, sampling.temperature, sampling, run.sample_seed(0, 0), run.stops)
             body.pop("logprobs", None)
             completion = self._stream_into(run, body, B, on_text, sample=True)
         run.put(0, 0, completion)
         for job in run.missing_answers():
             on_text(request.forcing_text(job.budget))
             prefix = request.prompt + completion.text + request.forcing_text(job.budget)
-            body = self._body(prefix, request.answer_tokens, sampling.force_temperature, sampling, job.seed,
+            body = self.body(prefix, request.answer_tokens, sampling.force_temperature, sampling, job.seed,
                               run.answer_stops)
             body.pop("logprobs", None)
             answer = self._stream_into(run, body, request.answer_tokens, on_text, sample=False)

@@ -61,7 +61,7 @@ class FakeOpenAIServer:
 
     TEXT = "The final answer is 4."
 
-    def __init__(self, script=(), delay: float = 1.0, model: str = "fake"):
+    def __init__(self, script=(), delay: float = 1.0, model: str = "fake", port: int = 0):
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -75,6 +75,7 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else ~40 ms per keep-alive answer (Nagle + delayed ACK)
 
             def log_message(self, *a):
                 pass
@@ -148,7 +149,7 @@ class FakeOpenAIServer:
                     fake.connections += 1
                 return conn
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
