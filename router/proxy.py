@@ -539,7 +539,8 @@ class ProxyHandler(BodyHandler):
         if result is not None:
             status = 200
         if result is not None:
-            proxy.observe_speed(executed.model, result["latency_tokens"], ctx.upstream_seconds)
+            if upstream_status == "ok":  # a failed try's time says nothing about speed
+                proxy.observe_speed(executed.model, result["latency_tokens"], ctx.upstream_seconds)
             proxy.metrics.observe("router_proxy_tokens_per_request", (executed.tier,), result["tokens"])
         rec = proxy.record(rid=rid, t_wall=t_wall, req=req, routed=routed, executed=executed, result=result,
                            status=status, upstream_status=upstream_status, error=error, route_s=t_routed - t0,

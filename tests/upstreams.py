@@ -70,3 +70,14 @@ def llama_server(log: Path, n_ctx: int = 2048, timeout: float = 120.0):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
+
+
+def start_proxy(router, config):
+    """The routing proxy on a free loopback port, serving from a daemon thread (stop: ``drain``)."""
+    import threading
+
+    from router.proxy import make_proxy_server
+
+    srv = make_proxy_server(router, config, port=0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv

@@ -20,12 +20,11 @@ import pytest
 from router import Router
 from router.bundle import BundleError
 from router.decision_log import read_records
-from router.execution import ModelExecution
 from router.executor import execute
-from router.proxy import ProxyConfig, make_proxy_server
+from router.proxy import ProxyConfig
 from router.upstream import OpenAIUpstream
 from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution, session_proxy_bundle
-from tests.upstreams import free_port, llama_server, needs_llama_server
+from tests.upstreams import free_port, llama_server, needs_llama_server, start_proxy
 
 pytestmark = [pytest.mark.slow, needs_llama_server]
 openai = pytest.importorskip("openai")
@@ -53,12 +52,6 @@ def upstream(tmp_path_factory):
         yield base
 
 
-def start(router, config: ProxyConfig):
-    srv = make_proxy_server(router, config, port=0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return srv
-
-
 @pytest.fixture(scope="module")
 def router(bundle):
     r = Router.load(bundle.path)
@@ -69,7 +62,7 @@ def router(bundle):
 @pytest.fixture(scope="module")
 def proxy(router, upstream, tmp_path_factory):
     log = tmp_path_factory.mktemp("decisions") / "decisions.jsonl"
-    srv = start(router, ProxyConfig(upstreams={"small": upstream, "big": upstream}, decision_log=str(log)))
+    srv = start_proxy(router, ProxyConfig(upstreams={"small": upstream, "big": upstream}, decision_log=str(log)))
     yield srv
     srv.drain(10)
 
@@ -231,7 +224,7 @@ def test_upstream_killed_mid_request(router, upstream, tmp_path):
     """The small model's upstream is frozen with a request in it, then killed: the client gets the
     fallback tier (on the other upstream); without a fallback tier, a 502; the proxy stays up."""
     with llama_server(tmp_path / "doomed.log") as (doomed, proc):
-        srv = start(router, ProxyConfig(upstreams={"small": doomed, "big": upstream}, fallback_tier="big-b12-k1",
+        srv = start_proxy(router, ProxyConfig(upstreams={"small": doomed, "big": upstream}, fallback_tier="big-b12-k1",
                                         retries=1, decision_log=str(tmp_path / "d.jsonl")))
         try:
             proc.send_signal(signal.SIGSTOP)  # the request gets in, no answer comes out
@@ -255,7 +248,7 @@ def test_upstream_killed_mid_request(router, upstream, tmp_path):
             assert 'router_proxy_upstream_errors_total{upstream="small",kind="connect"}' in metrics
         finally:
             srv.drain(5)
-    srv = start(router, ProxyConfig(upstreams={"small": doomed, "big": upstream}, retries=1, decision_log=None))
+    srv = start_proxy(router, ProxyConfig(upstreams={"small": doomed, "big": upstream}, retries=1, decision_log=None))
     try:
         with pytest.raises(openai.APIStatusError) as e:
             client(srv).chat.completions.create(model="small", messages=chat(QUESTION))
@@ -269,7 +262,7 @@ def test_upstream_killed_mid_request(router, upstream, tmp_path):
 
 
 def test_graceful_shutdown_drains_in_flight_requests(router, upstream, tmp_path):
-    srv = start(router, ProxyConfig(upstreams={"small": upstream, "big": upstream},
+    srv = start_proxy(router, ProxyConfig(upstreams={"small": upstream, "big": upstream},
                                     decision_log=str(tmp_path / "d.jsonl")))
     box = {}
     t = threading.Thread(target=lambda: box.update(out=client(srv).chat.completions.create(

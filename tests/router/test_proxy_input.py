@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 
 import pytest
 
 from router import Router
 from router.decision_log import read_records
-from router.proxy import ProxyConfig, make_proxy_server
+from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
-from tests.router.bundle_fixture import build_bundle, proxy_execution, session_proxy_bundle, PROXY_TIERS
+from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution, session_proxy_bundle
+from tests.upstreams import start_proxy
 
 MAX_BODY = 32 * 1024
 Q = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -36,9 +36,7 @@ def fake():
 def start(router, fake_url, tmp_path, **kw):
     cfg = {"upstreams": {"small": fake_url, "big": fake_url}, "max_body": MAX_BODY, "retries": 1,
            "decision_log": str(tmp_path / "d.jsonl"), **kw}
-    srv = make_proxy_server(router, ProxyConfig(**cfg), port=0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return srv
+    return start_proxy(router, ProxyConfig(**cfg))
 
 
 @pytest.fixture
@@ -170,9 +168,8 @@ def test_a_failing_upstream_gets_a_502_or_the_fallback_tier(router, tmp_path, sc
             srv.drain(5)
     # the small model's upstream fails; big's answers: the configured fallback tier takes over
     with FakeOpenAIServer(["500"] * 2) as bad, FakeOpenAIServer() as good:
-        srv = make_proxy_server(router, ProxyConfig(upstreams={"small": bad.url, "big": good.url}, retries=1,
-                                                    fallback_tier="big-b12-k1", decision_log=None), port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        srv = start_proxy(router, ProxyConfig(upstreams={"small": bad.url, "big": good.url}, retries=1,
+                                              fallback_tier="big-b12-k1", decision_log=None))
         try:
             status, resp, headers = call(srv, "POST", "/v1/chat/completions",
                                          {"model": "router", "messages": Q, "models": ["small"]})
