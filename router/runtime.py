@@ -257,5 +257,6 @@ class Router:
                 "tiers": [t.to_dict() for t in self.tiers], "policy": {k: v for k, v in m["policy"].items()
                                                                       if k != "tier_latency_tokens"},
                 "featurizer": m["featurizer"], "encoder": self.featurizer.encoder_name,
+                "execution": {k: e.to_dict() for k, e in self.executions.items()},
                 "metrics": m.get("metrics", {}), "training": m.get("training", {}), "versions": m.get("versions", {})}
 

@@ -153,6 +153,10 @@ class ConnectionPool:
                 conn.close()
                 self._slots.release()
                 raise UpstreamError(f"{url}: request failed: {type(e).__name__}: {e}", "connect") from e
+            except http.client.HTTPException as e:  # not HTTP at all (a bad status line, huge headers)
+                conn.close()
+                self._slots.release()
+                raise UpstreamError(f"{url}: not an HTTP answer: {type(e).__name__}: {e}", "garbage") from e
         raise AssertionError("unreachable")  # pragma: no cover
 
     def release(self, conn, resp, ok: bool) -> None:

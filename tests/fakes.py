@@ -55,8 +55,9 @@ class FakeOpenAIServer:
 
     A completion is ``"The final answer is 4."`` (6 tokens) if ``max_tokens`` allows, else
     ``max_tokens`` words cut by length. ``script``: a list of actions consumed one per completion
-    request ("ok", "garbage", "500", "400", "slow", "drop" = answer then close the connection
-    without saying so, "cut" = a stream that breaks after two events); when it is empty, "ok".
+    request ("ok", "garbage", "nonhttp", "500", "400", "slow", "drop" = answer then close the
+    connection without saying so, "cut" = a stream that breaks after two events); when it is
+    empty, "ok".
     """
 
     TEXT = "The final answer is 4."
@@ -99,6 +100,10 @@ class FakeOpenAIServer:
                     return self._send(200, b"<html>not json</html>", "text/html")
                 if action in ("500", "400"):
                     return self._send(int(action), b'{"error": {"message": "scripted"}}')
+                if action == "nonhttp":  # not even an HTTP status line
+                    self.wfile.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+                    self.close_connection = True
+                    return
                 if action == "slow":
                     time.sleep(fake.delay)
                 words = fake.TEXT.split(" ")

@@ -35,6 +35,7 @@ def test_a_connection_the_server_dropped_is_replaced_without_an_error():
 @pytest.mark.parametrize("script,kind,calls", [
     (["500", "500", "ok"], None, 3),  # passing failures: retried
     (["garbage"] * 3, "garbage", 3),  # not an OpenAI answer, every time: fails after 2 retries
+    (["nonhttp"] * 3, "garbage", 3),  # not even HTTP
     (["400"], "client", 1),  # the same request would be refused again: no retry
 ])
 def test_bounded_retries_by_error_kind(script, kind, calls):
