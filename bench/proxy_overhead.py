@@ -147,6 +147,21 @@ def _route_ms(log: Path, skip: int) -> dict:
     return _pct([r["latency_ms"]["route"] for r in recs])
 
 
+def fsync_ms(folder: Path, n: int = 100) -> dict:
+    """One record written and fsynced, ``n`` times: why the decision log fsyncs off the request path."""
+    fd = os.open(folder / "fsync.probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b'{"request_id": "x", "pad": "' + b"y" * 900 + b'"}\n')
+            t = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        os.close(fd)
+    return _pct(times)
+
+
 def run(n: int, real_n: int, real: bool, fsync: str = "record") -> dict:
     from router import Router
     from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution
@@ -158,6 +173,7 @@ def run(n: int, real_n: int, real: bool, fsync: str = "record") -> dict:
                  "targets_ms": {"p50": TARGET_P50_MS, "p99": TARGET_P99_MS}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        out["log_fsync_ms"] = fsync_ms(tmp)
         ex = proxy_execution()
         bundle = build_bundle(tmp, n_queries=60, static=True, tiers=PROXY_TIERS,
                               execution={"small": ex, "big": ex}).path

@@ -178,7 +178,10 @@ def proxy_overhead() -> str:
     out.append("")
     out.append(f"Target: overhead p50 <= {t['p50']:g} ms and p99 <= {t['p99']:g} ms over the fake upstream: "
                f"{'met' if res['meets_target'] else 'NOT met'}. Featurizer: {res['featurizer']}; tier "
-               f"`{res['tier']}` (one upstream call); {_meta(res)} (`bench/results/proxy_overhead.json`).")
+               f"`{res['tier']}` (one upstream call); decision log on, `--log-fsync {res.get('log_fsync', 'record')}`"
+               + (f" (one fsync of the log: {res['log_fsync_ms']['p50']:.1f} ms p50, "
+                  f"{res['log_fsync_ms']['p99']:.1f} ms p99)" if res.get("log_fsync_ms") else "")
+               + f"; {_meta(res)} (`bench/results/proxy_overhead.json`).")
     return "\n".join(out) + "\n"
 
 

@@ -9,9 +9,10 @@ that cost), so it is written for durability:
   can be torn; ``read_records`` skips a torn last line.
 - **fsync policy** ``record`` (default): a syncer thread fsyncs the file as soon as records are
   written (group commit: one fsync covers every record written before it started), so a machine
-  crash or power loss loses at most the records written during the last fsync (one fsync takes
-  ~4 ms on this machine's disk), and no request waits for the disk: an fsync in the request path
-  would add its ~4 ms to every request, more than the proxy's whole overhead target. ``none``:
+  crash or power loss loses at most the records written during the last fsync, and no request
+  waits for the disk: an fsync in the request path would add its time to every request (3.6 ms
+  p50 on this machine's disk, more than the proxy's whole overhead target of 3 ms;
+  ``bench/proxy_overhead.py`` measures it beside the overhead). ``none``:
   no fsync; the OS writes back when it likes (Linux: within ~30 s), so a power loss can lose that
   much; a process crash still loses nothing.
 - **Rotation by size**: when the file would pass ``max_bytes`` it is fsynced, closed and renamed

@@ -343,12 +343,11 @@ class Proxy:
             "allowed": [{**u, "tier": tiers[u["tier"]].name} for u in routed.utilities()],
             "chosen": d.tier, "reason": d.reason, "propensity": 1.0, "p_correct": d.p_correct,
             "expected_cost": d.expected_cost, "expected_latency_ms": None if lat_ms is None else round(lat_ms[i], 1),
-            "executed": executed.tier if executed is not None else None,
+            "executed": executed.tier,
             "tokens": None, "observed_cost": None, "latency_tokens": None, "usage": None,
             "latency_ms": {"total": round(total_s * 1e3, 3), "route": round(route_s * 1e3, 3),
                            "upstream": round(upstream_s * 1e3, 3)},
-            "upstream": {"model": executed.model if executed is not None else d.model, "status": upstream_status,
-                         "error": error},
+            "upstream": {"model": executed.model, "status": upstream_status, "error": error},
             "status": status, "stream": req.stream, "seed": None, "labelled_prompt": req.conversation.labelled_prompt,
         }
         if result is not None:
@@ -538,7 +537,6 @@ class ProxyHandler(BodyHandler):
         t_done = time.perf_counter()
         if result is not None:
             status = 200
-        if result is not None:
             if upstream_status == "ok":  # a failed try's time says nothing about speed
                 proxy.observe_speed(executed.model, result["latency_tokens"], ctx.upstream_seconds)
             proxy.metrics.observe("router_proxy_tokens_per_request", (executed.tier,), result["tokens"])
@@ -568,8 +566,7 @@ class _Exchange:
         self.created = int(time.time())
         self.sent = False  # stream headers (and maybe text) have gone out: no fallback any more
         self.upstream_seconds = 0.0
-        self._fallback_from = None
-        self._executed = None
+        self._executed = None  # the decision being run (the chosen tier, then maybe the fallback tier)
 
     # -------------------------------------------------------------- the response pieces
 

@@ -139,6 +139,8 @@ def test_a_good_request_and_its_log_record(proxy, fake, router):
                                                                      "max_samples": 1})
     assert resp2["router"]["tier"] == r["tier"] and resp2["router"]["labelled_prompt"] is False
     assert "Be brief." in fake.calls[-1]["prompt"] and "Hello." in fake.calls[-1]["prompt"]
+    rec2 = list(read_records(proxy.proxy.log.path))[-1]
+    assert rec2["features_sha256"] == rec["features_sha256"]  # the same last turn: the same features
 
 
 def test_log_text_writes_the_text_and_the_answer(router, fake, tmp_path):
