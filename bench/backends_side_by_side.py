@@ -29,7 +29,7 @@ def _requests(n: int):
     from pipelines.backends.base import OnePassRequest
     from pipelines.config import RolloutConfig
     from pipelines.datasets import load_sources
-    from pipelines.prompts import render_prompt
+    from router.prompts import render_prompt
     from pipelines.rollout.work import query_seed
 
     r = RolloutConfig()

@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     from pipelines.backends.model_files import resolve_model_path
 
     started = start()
-    from pipelines.prompts import render_prompt
+    from router.prompts import render_prompt
 
     qs = questions(args.queries)
     prompts = [render_prompt("chatml", SYSTEM, q) for q in qs]

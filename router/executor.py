@@ -6,9 +6,11 @@ a cut one gets the answer forced by appending the suffix to its first B tokens (
 direct prefix straight after the prompt); then a majority vote over the k answers, ties to
 the first sample that gave a tied answer. This module does that with one ``one_pass``
 request at the single budget B, so the backend, the seeds and the forcing are the rollout's.
+The prompt template, system prompt, forcing text and sampling settings come from the bundle
+(``router.execution``: ``Router.execution(model)``), so nothing else needs to be known.
 
-The pipeline's backends are imported only when a decision is executed: ``router`` itself
-never imports ``pipelines``.
+It runs on any one-pass engine: the proxy's HTTP upstream (``router.upstream``) or one of the
+pipeline's backends (``router`` itself never imports ``pipelines``).
 """
 
 from __future__ import annotations
@@ -44,42 +46,62 @@ def extract_answer(text: str | None) -> str | None:
     return nums[-1].replace(" ", "") if nums else None
 
 
-def execute(decision, backend, prompt: str, *, force_suffix: str = "\nThe final answer is",
-            direct_prefix: str = "The final answer is", answer_tokens: int = 12, seed: int = 0,
-            sampling=None, extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
-    """Run ``decision`` (a ``Decision``: budget B, samples k) on ``backend`` for ``prompt``.
+def execute(decision, backend, question, *, execution, seed: int | None = None, system_extra: str = "",
+            extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """Run ``decision`` (a ``Decision``: budget B, samples k) on ``backend`` for ``question``.
 
-    ``prompt`` is the rendered prompt (chat template applied), as in the rollout;
-    ``force_suffix``, ``direct_prefix``, ``answer_tokens`` and ``sampling`` should be the
-    rollout's settings, or the labels describe a different procedure. Returns ``answer``
-    (the winning answer as first written, None if no sample gave one), ``vote_key`` (its
-    normalized form), ``votes`` ({vote_key: count}), ``samples`` (per-sample answer, tokens,
-    whether it was forced) and ``tokens`` (generated tokens, forced answers included).
+    ``question``: the question text, or a conversation (``(role, text)`` turns ending with a user
+    turn); ``execution``: the decision's model's ``router.execution.ModelExecution`` (a bundle's:
+    ``Router.execution(decision.model)``), which renders the prompt and carries the rollout's
+    forcing and sampling settings. ``seed``: the request seed (sample i uses ``seed + i``); None
+    derives it from the prompt, as the proxy does for a request without ``seed``. ``backend``:
+    anything with the one-pass ``one_pass(requests, sampling)`` (a pipeline backend, or
+    ``router.upstream.OpenAIUpstream``).
+
+    Returns ``answer`` (the winning answer as first written, None if no sample gave one),
+    ``vote_key`` (its normalized form), ``votes`` ({vote_key: count}), ``content`` (the winning
+    sample's whole text: its completion, plus the forcing text and forced answer if it was cut),
+    ``samples`` (per-sample answer, tokens, whether it was forced), ``tokens`` (generated tokens,
+    forced answers included), ``latency_tokens`` (the longest sample's), ``usage`` (what a server
+    reported, summed over its calls), ``seed`` and ``prompt``.
     """
-    from router.generation import OnePassRequest, RolloutError, SamplingConfig
-    from router.vote import majority, vote_key
+    from router.generation import RolloutError
 
     budget, k = int(decision.budget), int(decision.samples)
     if budget < 0 or k < 1:
         raise ValueError(f"decision needs budget >= 0 and samples >= 1, got budget={budget}, samples={k}")
-    extract = extract or extract_answer
-    request = OnePassRequest(key="execute", prompt=prompt, n=k, budgets=(budget,), seed=int(seed),
-                             force_suffix=force_suffix, direct_prefix=direct_prefix, answer_tokens=answer_tokens)
-    results = backend.one_pass([request], sampling or SamplingConfig())
+    prompt = execution.prompt(question, system_extra)
+    request = execution.request(prompt, budget, k, seed)
+    results = backend.one_pass([request], execution.sampling)
     if len(results) != 1 or len(results[0].samples) != k:
         raise RolloutError(f"backend {getattr(backend, 'name', backend)!r} returned {len(results)} result(s) "
                            f"with {len(results[0].samples) if results else 0} sample(s); expected 1 with {k}")
+    return summarize(results[0], request, extract)
+
+
+def summarize(result, request, extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """The vote over one executed request's samples (``execute``'s result; the proxy's streamed
+    path calls it too): each sample's answer at the request's budget, scored the way the labels
+    were, and the majority."""
+    from router.vote import majority, vote_key
+
+    budget = request.max_tokens
+    extract = extract or extract_answer
     samples, keys, total = [], [], 0
-    for s in results[0].samples:
+    for s in result.samples:
         # the same text the labels scored: the completion, or the forcing text + forced answer
         text, tokens, forced = s.at_budget(budget, request)
         answer = extract(text)
         key = vote_key(answer)
         samples.append({"index": s.index, "seed": s.seed, "answer": answer, "vote_key": key, "forced": forced,
-                        "finished": s.finished, "tokens": tokens, "text": text})
+                        "finished": s.finished, "tokens": tokens, "text": text,
+                        "content": s.text + text if forced else s.text})
         keys.append(key)
         total += tokens
     winner, _ = majority(keys)
-    answer = next((x["answer"] for x in samples if x["vote_key"] == winner), None) if winner is not None else None
+    first = next((x for x in samples if x["vote_key"] == winner), samples[0]) if samples else None
     votes = dict(Counter(k_ for k_ in keys if k_ is not None))
-    return {"answer": answer, "vote_key": winner, "votes": votes, "samples": samples, "tokens": total}
+    return {"answer": first["answer"] if winner is not None else None, "vote_key": winner, "votes": votes,
+            "content": first["content"] if first else "", "samples": samples, "tokens": total,
+            "latency_tokens": max((x["tokens"] for x in samples), default=0), "usage": result.usage.to_dict(),
+            "seed": request.seed, "prompt": request.prompt}

@@ -13,16 +13,38 @@ is ``Caps.allowed``, and which encoder serves the bundle is ``Featurizer.from_bu
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from router.bundle import BundleError, read_manifest
+from router.bundle import MANIFEST, BundleError, read_manifest, sha256_file
 from router.caps import CAP_NAMES, Caps
 from router.decision import Decision
+from router.execution import ModelExecution, execution_of, require
 from router.policy import choose
 from router.tiers import Tier
 
 CAPS = CAP_NAMES  # the cap names, kept here for callers that imported them from the runtime
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A decision with what it was made from: for the proxy's decision log (and off-policy
+    evaluation), which needs the features' digest and every admitted tier's utility."""
+
+    decision: Decision
+    features: Any  # the query's feature row (NumPy), None for a fallback without prediction
+    p: Sequence[float] | None  # predicted success per tier
+    c: Sequence[float] | None  # predicted cost per tier
+    allowed: Sequence[bool]  # which tiers the caps admitted
+    lam: float  # the price of cost the utility used
+
+    def utilities(self) -> list[dict[str, Any]]:
+        """Every admitted tier with its predicted success, cost and utility ``p - lam * c``."""
+        if self.p is None or self.c is None:
+            return []
+        return [{"tier": i, "p_correct": float(self.p[i]), "cost": float(self.c[i]),
+                 "utility": float(self.p[i] - self.lam * self.c[i])} for i, ok in enumerate(self.allowed) if ok]
 
 
 class Router:
@@ -44,6 +66,13 @@ class Router:
         self.ood_ref = ood_ref
         self.ood_threshold = pol.get("ood_min_similarity")
         self._lock = threading.Lock()  # encoders are not all thread-safe
+        # how each model's tiers are executed (the labels' settings); {} for an older bundle
+        self.executions = execution_of(manifest, str(self.path / MANIFEST))
+        # generated tokens per second per model: the bundle's measurement, replaced by the
+        # proxy's own (``set_speed``); what ``max_latency_ms`` compares against
+        self.tokens_per_second = {m: float(e.tokens_per_second) for m, e in self.executions.items()
+                                  if e.tokens_per_second}
+        self.bundle_sha256: str | None = None  # of manifest.json, which lists every file's sha256
 
     # ---------------------------------------------------------------- loading
 
@@ -72,25 +101,62 @@ class Router:
             if manifest["policy"].get("ood_ref"):
                 ood_ref = np.load(path / manifest["policy"]["ood_ref"], allow_pickle=False)
             router = cls(path, manifest, success, cost, featurizer, ood_ref)
+            router.bundle_sha256 = sha256_file(path / MANIFEST)
         except (KeyError, ValueError, TypeError, OSError) as e:
             raise BundleError(f"{path / 'manifest.json'}: invalid policy or tiers ({type(e).__name__}: {e})") from e
         # build the encoder now, so a missing dependency fails at load, not on the first query
         featurizer.encoder  # noqa: B018
         return router
 
+    # ---------------------------------------------------------------- execution and latency
+
+    def execution(self, model: str) -> ModelExecution:
+        """How ``model``'s tiers are executed (``router.executor.execute``, the proxy); a
+        ``BundleError`` naming what is missing for a bundle exported without it."""
+        require(self.executions, [model], str(self.path / MANIFEST))
+        return self.executions[model]
+
+    def set_speed(self, model: str, tokens_per_second: float) -> None:
+        """Replace ``model``'s measured speed (thread-safe: the mapping is swapped, not changed)."""
+        if not tokens_per_second > 0:
+            raise ValueError(f"tokens_per_second must be > 0, got {tokens_per_second}")
+        self.tokens_per_second = {**self.tokens_per_second, model: float(tokens_per_second)}
+
+    def tier_latency_ms(self) -> list[float] | None:
+        """Each tier's expected latency: its latency tokens / its model's tokens per second, in
+        ms; None unless every model's speed is known."""
+        speeds = self.tokens_per_second
+        if any(t.model not in speeds for t in self.tiers):
+            return None
+        return [1000.0 * lat / speeds[t.model] for lat, t in zip(self.latency, self.tiers)]
+
+    def check_caps(self, caps: Caps) -> Caps:
+        """``caps`` if this router can apply them, else a ``ValueError`` saying why."""
+        if caps.max_latency_ms is not None and self.tier_latency_ms() is None:
+            missing = sorted({t.model for t in self.tiers} - set(self.tokens_per_second))
+            raise ValueError(f"max_latency_ms needs the measured speed of model(s) {missing}: the bundle has no "
+                             f"execution.models.<model>.tokens_per_second and nothing was measured yet")
+        return caps
+
     # ---------------------------------------------------------------- deciding
+
+    def _allowed(self, caps: Caps, costs: Sequence[float] | None = None) -> list[bool]:
+        latency_ms = self.tier_latency_ms() if caps.max_latency_ms is not None else None
+        return caps.allowed(self.tiers, self.latency, costs, latency_ms)
 
     def allowed(self, caps: Caps | Mapping[str, Any] | None = None, costs: Sequence[float] | None = None,
                 **kw) -> list[bool]:
         """Which tiers the caps admit (``max_cost`` only given this query's predicted ``costs``)."""
-        return Caps.coerce(caps, **kw).allowed(self.tiers, self.latency, costs)
+        return self._allowed(Caps.coerce(caps, **kw), costs)
 
     def decide(self, p: Sequence[float], c: Sequence[float], lam: float | None = None,
                caps: Caps | Mapping[str, Any] | None = None, **kw) -> tuple[int, str]:
         """Decision only, from predicted success and cost: (tier index, reason)."""
         caps = Caps.coerce(caps, **kw)
-        allowed = caps.allowed(self.tiers, self.latency, c) if caps.active else None
-        i = choose(p, c, self.lam if lam is None else lam, allowed)
+        return self._choose(p, c, self.lam if lam is None else lam, self._allowed(caps, c) if caps.active else None)
+
+    def _choose(self, p, c, lam: float, allowed: Sequence[bool] | None) -> tuple[int, str]:
+        i = choose(p, c, lam, allowed)
         if i < 0:
             return self.cheapest_index, "fallback:no-tier-within-caps"
         return i, "utility"
@@ -105,7 +171,7 @@ class Router:
     def _admitted(self, first: int, caps: Caps) -> int | None:
         """Tier ``first`` if the caps admit it, else the cheapest admitted one (tiers are stored
         in cost order), else None. ``max_cost`` is not applied: no cost was predicted."""
-        allowed = caps.allowed(self.tiers, self.latency)
+        allowed = self._allowed(caps)
         return next((i for i in (first, self.cheapest_index, *range(len(self.tiers))) if allowed[i]), None)
 
     def _decision(self, i: int, p, c, reason: str) -> Decision:
@@ -137,29 +203,38 @@ class Router:
     def route_batch(self, texts: Sequence[Any], lam: float | None = None, *,
                     caps: Caps | Mapping[str, Any] | None = None, **kw) -> list[Decision]:
         """Route many queries with one featurizer call."""
+        return [r.decision for r in self.route_detailed(texts, lam, caps=caps, **kw)]
+
+    def route_detailed(self, texts: Sequence[Any], lam: float | None = None, *,
+                       caps: Caps | Mapping[str, Any] | None = None, **kw) -> list[Routed]:
+        """``route_batch`` with what each decision was made from (``Routed``)."""
         caps = Caps.coerce(caps, **kw)
+        lam = self.lam if lam is None else float(lam)
         clean = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in texts]
         # lone surrogates and NULs cannot be tokenized: replace them, they carry no meaning
         clean = [t.encode("utf-8", "replace").decode("utf-8").replace("\x00", " ") for t in clean]
-        out: list[Decision | None] = [None] * len(clean)
+        out: list[Routed | None] = [None] * len(clean)
         live = [i for i, t in enumerate(clean) if t.strip()]
         live_set = set(live)
+        admitted = self._allowed(caps)
         for i in range(len(clean)):
             if i not in live_set:  # nothing to answer: the cheapest tier the caps admit
                 k = self._admitted(self.cheapest_index, caps)
-                out[i] = (self._decision(k, None, None, "fallback:empty-query") if k is not None else
-                          self._decision(self.cheapest_index, None, None, "fallback:no-tier-within-caps"))
+                d = (self._decision(k, None, None, "fallback:empty-query") if k is not None else
+                     self._decision(self.cheapest_index, None, None, "fallback:no-tier-within-caps"))
+                out[i] = Routed(d, None, None, None, admitted, lam)
         if live:
             X, P, C = self.predict([clean[i] for i in live])
             ood = self._ood(X)
             for j, i in enumerate(live):
-                k, reason = self.decide(P[j], C[j], lam, caps)
+                allowed = self._allowed(caps, C[j])
+                k, reason = self._choose(P[j], C[j], lam, allowed if caps.active else None)
                 # far from training: the fallback tier, unless the caps exclude it
-                if ood is not None and ood[j] and self.allowed(caps, C[j])[self.fallback_index]:
+                if ood is not None and ood[j] and allowed[self.fallback_index]:
                     k, reason = self.fallback_index, "fallback:out-of-distribution"
                 if len(clean[i]) > self.featurizer.spec.max_chars and reason == "utility":
                     reason = "utility:truncated"
-                out[i] = self._decision(k, P[j], C[j], reason)
+                out[i] = Routed(self._decision(k, P[j], C[j], reason), X[j], P[j], C[j], allowed, lam)
         return out  # type: ignore[return-value]
 
     def _ood(self, X):
@@ -182,5 +257,6 @@ class Router:
                 "tiers": [t.to_dict() for t in self.tiers], "policy": {k: v for k, v in m["policy"].items()
                                                                       if k != "tier_latency_tokens"},
                 "featurizer": m["featurizer"], "encoder": self.featurizer.encoder_name,
+                "execution": {k: e.to_dict() for k, e in self.executions.items()},
                 "metrics": m.get("metrics", {}), "training": m.get("training", {}), "versions": m.get("versions", {})}
 

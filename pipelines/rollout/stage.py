@@ -45,6 +45,11 @@ def rollout_metrics(df, plans: list[ModelPlan], shard_metas: list[dict], wall: f
     gen_tokens = sum(m.get("generated_tokens", 0) for m in shard_metas)
     # what generating each static tier on its own would cost (adaptive tiers are labelled, not rolled out)
     naive = naive_tokens(df, [t for p in plans for t in p.tiers if not t.adaptive]) if len(df) else 0.0
+    by_model: dict[str, list[float]] = {}
+    for m in shard_metas:
+        acc = by_model.setdefault(m.get("model"), [0.0, 0.0])
+        acc[0] += m.get("generated_tokens", 0)
+        acc[1] += m.get("seconds", 0.0)
     return {
         "queries": int(df["query_id"].nunique()) if len(df) else 0,
         "samples": samples,
@@ -52,6 +57,9 @@ def rollout_metrics(df, plans: list[ModelPlan], shard_metas: list[dict], wall: f
         "naive_tokens": round(naive, 1),
         "naive_over_generated": round(naive / generated, 3) if generated else None,
         "tokens_per_second": round(gen_tokens / gen_seconds, 1) if gen_seconds else None,
+        # per model: the bundle's first latency estimate for serving (pipelines/export.py)
+        "tokens_per_second_by_model": {m: round(t / sec, 1) for m, (t, sec) in sorted(by_model.items())
+                                       if m is not None and sec},
         "generation_seconds": round(gen_seconds, 2),
         "backend": ",".join(sorted({p.config.backend for p in plans})),
         "model": ",".join(p.model for p in plans),
@@ -108,7 +116,7 @@ def rollout(params: Params, run=NULL_RUN, *, backend_factory: Callable | None = 
 def _skipped(params: Params, run, why: str) -> dict[str, Any]:
     """Metrics of a rollout that had nothing to do (same keys, zero counts)."""
     metrics = {"queries": 0, "samples": 0, "generated_tokens": 0, "naive_tokens": 0.0, "naive_over_generated": None,
-               "tokens_per_second": None, "generation_seconds": 0.0, "backend": None, "model": None,
+               "tokens_per_second": None, "tokens_per_second_by_model": {}, "generation_seconds": 0.0, "backend": None, "model": None,
                "budgets": {}, "wall_seconds": 0.0, "skipped": why}
     artifacts.write_json(params.rollout.metrics, metrics)
     Path(params.rollout.out).mkdir(parents=True, exist_ok=True)

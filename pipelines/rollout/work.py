@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from pipelines.config import ModelConfig, Params
-from pipelines.prompts import direct_prefix, render_prompt
 from pipelines.queries import Query
 from router.generation import OnePassRequest, OnePassResult, SamplingConfig
+from router.prompts import direct_prefix, render_prompt
 from router.tiers import Tier
 
 
@@ -54,12 +54,6 @@ def plan_rollout(params: Params) -> list[ModelPlan]:
     return plans
 
 
-def sampling_of(params: Params) -> SamplingConfig:
-    r = params.rollout
-    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          force_temperature=r.force_temperature)
-
-
 def query_seed(seed: int, query_id: str) -> int:
     """Per-query seed: a query's samples do not depend on order, batching or worker."""
     return int(hashlib.sha256(f"{seed}:{query_id}".encode()).hexdigest()[:8], 16) % (2**31 - 1024)
@@ -76,7 +70,7 @@ def fingerprint_spec(plan: ModelPlan, params: Params) -> dict[str, Any]:
         "model_config": asdict(plan.config),
         "budgets": list(plan.budgets),
         "n": plan.n,
-        "sampling": asdict(sampling_of(params)),
+        "sampling": asdict(SamplingConfig.of(params.rollout)),
         "force_suffix": r.force_suffix,
         "direct_prefix": direct_prefix(plan.config.template, r.direct_prefix),
         "answer_tokens": r.answer_tokens,
@@ -138,7 +132,7 @@ def rollout_chunk(backend, plan: ModelPlan, queries: list[Query], params: Params
     """Roll out a few whole queries: the unit of work of every executor (local, Ray)."""
     requests = build_requests(plan, queries, params)
     t0 = time.perf_counter()
-    results = backend.one_pass(requests, sampling_of(params))
+    results = backend.one_pass(requests, SamplingConfig.of(params.rollout))
     if [r.key for r in results] != [q.query_id for q in queries]:
         raise RuntimeError("backend returned results out of request order")
     records = []

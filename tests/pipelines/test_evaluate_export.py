@@ -76,6 +76,18 @@ def test_bundle_manifest_hashes_and_no_pickle(pipeline):
     assert suffixes <= {"json", "txt", "npy", "onnx"}, suffixes
 
 
+def test_a_bundle_of_an_outcome_table_routes_but_says_it_cannot_be_executed(pipeline):
+    """An imported table's tiers name no model the params declare: no execution settings."""
+    from router import BundleError, Router
+
+    tmp, *_ = pipeline
+    r = Router.load(tmp / "router")
+    assert "execution" not in r.manifest and r.route("What is 2 + 3?").tier
+    model = r.tiers[0].model
+    with pytest.raises(BundleError, match=rf"no execution settings for model\(s\) \['{model}'\]"):
+        r.execution(model)
+
+
 def test_runtime_matches_training_model_on_held_out_rows(pipeline):
     from pipelines.artifacts import load_dataset, load_model
     from router import Router

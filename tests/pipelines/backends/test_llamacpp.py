@@ -11,7 +11,7 @@ import pytest
 from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig, budgets_to_force
 from pipelines.backends.model_files import resolve_model_path
 from pipelines.config import ModelConfig
-from pipelines.prompts import render_prompt, stop_strings
+from router.prompts import render_prompt, stop_strings
 
 SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
 BUDGETS = (0, 4, 8, 16)

