@@ -78,29 +78,32 @@ def _average(results, n_by_source, exact_limit) -> Outcome:
     return Outcome(acc, tokens, cost, lat, total <= exact_limit, draws)
 
 
+def vote_until_run(s: Samples, level: Hashable, agree: int, k: int, step: int, order: Sequence[int],
+                   price: float = 1.0) -> tuple[float, float, float, float]:
+    """(accuracy, tokens, cost, latency) of one run of vote_until whose samples arrive in ``order``."""
+    keys, tokens = s.keys[level], s.tokens[level]
+    drawn_before, cost, lat = 0, 0.0, 0.0
+    for drawn in vote_until_steps(k, step):
+        batch = order[drawn_before:drawn]
+        cost += sum(tokens[i] for i in batch)
+        lat += max(tokens[i] for i in batch)
+        drawn_before = drawn
+        win = agreed([keys[i] for i in order[:drawn]], agree)
+        if win is not None:
+            return float(win in s.correct_keys), cost, price * cost, lat
+    return vote_correct_fraction([keys[i] for i in order[:k]], s.correct_keys), cost, price * cost, lat
+
+
 def vote_until(s: Samples, level: Hashable, agree: int, k: int, step: int = 1, *, price: float = 1.0,
                exact_limit: int = EXACT_LIMIT, mc_draws: int = MC_DRAWS, seed: int = 0) -> Outcome:
     """Expected outcome of drawing ``step`` samples at a time at ``level`` until ``agree`` answers
-    agree, at most ``k`` (then a majority vote over the k)."""
+    agree, at most ``k`` (then a majority vote over the k): ``vote_until_run`` averaged over orders."""
     if not 1 <= k <= s.n:
         raise ValueError(f"vote_until needs 1 <= k <= n, got k={k}, n={s.n}")
-    keys, tokens = s.keys[level], s.tokens[level]
-    steps = vote_until_steps(k, step)
-
-    def run(order):
-        drawn_before, cost, lat = 0, 0.0, 0.0
-        for drawn in steps:
-            batch = order[drawn_before:drawn]
-            cost += sum(tokens[i] for i in batch)
-            lat += max(tokens[i] for i in batch)
-            drawn_before = drawn
-            win = agreed([keys[i] for i in order[:drawn]], agree)
-            if win is not None:
-                return float(win in s.correct_keys), cost, price * cost, lat
-        return vote_correct_fraction([keys[i] for i in order[:k]], s.correct_keys), cost, price * cost, lat
-
     src = {"s": (s.n, k)}
-    return _average((run(o["s"]) for o in _orderings(src, exact_limit, mc_draws, seed)), src, exact_limit)
+    runs = (vote_until_run(s, level, agree, k, step, o["s"], price)
+            for o in _orderings(src, exact_limit, mc_draws, seed))
+    return _average(runs, src, exact_limit)
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,38 @@ class Stage:
     reuse: bool = True  # a later stage of the same source continues these samples' prefixes
 
 
+def cascade_run(stages: Sequence[Stage], samples: dict[Hashable, Samples],
+                orders: dict[Hashable, Sequence[int]]) -> tuple[float, float, float, float]:
+    """(accuracy, tokens, cost, latency) of one run of the cascade whose samples arrive in ``orders``
+    (one order per source). Sample i keeps its place across stages (the executor keeps its seed),
+    so a later stage at a larger budget continues it: reasoning tokens already generated are not
+    paid again; forced answers are."""
+    generated: dict[tuple, float] = {}  # (source, sample) -> reasoning tokens already generated
+    tokens = cost = lat = 0.0
+    for j, st in enumerate(stages):
+        s = samples[st.source]
+        idx = orders[st.source][: st.k]
+        keys = [s.keys[st.level][i] for i in idx]
+        forced = [s.forced[st.level][i] for i in idx]
+        step_tokens = []
+        for i in idx:
+            reasoning = s.reasoning[st.level][i]
+            answer = s.tokens[st.level][i] - reasoning  # the forced answer's tokens (0 if its own)
+            before = generated.get((st.source, i), 0.0) if st.reuse else 0.0
+            step_tokens.append(max(0.0, reasoning - before) + answer)
+            generated[(st.source, i)] = max(before, reasoning)
+        tokens += sum(step_tokens)
+        cost += st.price * sum(step_tokens)
+        lat += max(step_tokens)
+        if j == len(stages) - 1 or not unsure(keys, forced, st.budget):
+            return vote_correct_fraction(keys, s.correct_keys), tokens, cost, lat
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def cascade(stages: Sequence[Stage], samples: dict[Hashable, Samples], *, exact_limit: int = EXACT_LIMIT,
             mc_draws: int = MC_DRAWS, seed: int = 0) -> Outcome:
-    """Expected outcome of running ``stages`` in order while ``router.adaptive.unsure`` says so.
-
-    Sample i of a source keeps its place in that source's ordering across stages (the executor
-    keeps its seed), so a later stage at a larger budget continues it: the reasoning tokens it
-    already generated are not paid again; its forced answers are. Cost is in price units.
-    """
+    """Expected outcome of running ``stages`` in order while ``router.adaptive.unsure`` says so:
+    ``cascade_run`` averaged over the orders of every source's samples. Cost is in price units."""
     if len(stages) < 1:
         raise ValueError("a cascade needs at least one stage")
     need: dict[Hashable, int] = {}
@@ -131,27 +158,5 @@ def cascade(stages: Sequence[Stage], samples: dict[Hashable, Samples], *, exact_
             raise ValueError(f"stage at {st.level!r} needs {st.k} samples; {samples[st.source].n} available")
         need[st.source] = max(need.get(st.source, 0), st.k)
     src = {s: (samples[s].n, k) for s, k in need.items()}
-
-    def run(orders):
-        generated: dict[tuple, float] = {}  # (source, sample) -> reasoning tokens already generated
-        tokens = cost = lat = 0.0
-        for j, st in enumerate(stages):
-            s = samples[st.source]
-            idx = orders[st.source][: st.k]
-            keys = [s.keys[st.level][i] for i in idx]
-            forced = [s.forced[st.level][i] for i in idx]
-            step_tokens = []
-            for i in idx:
-                reasoning = s.reasoning[st.level][i]
-                answer = s.tokens[st.level][i] - reasoning  # the forced answer's tokens (0 if its own)
-                before = generated.get((st.source, i), 0.0) if st.reuse else 0.0
-                step_tokens.append(max(0.0, reasoning - before) + answer)
-                generated[(st.source, i)] = max(before, reasoning)
-            tokens += sum(step_tokens)
-            cost += st.price * sum(step_tokens)
-            lat += max(step_tokens)
-            if j == len(stages) - 1 or not unsure(keys, forced, st.budget):
-                return vote_correct_fraction(keys, s.correct_keys), tokens, cost, lat
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return _average((run(o) for o in _orderings(src, exact_limit, mc_draws, seed)), src, exact_limit)
+    runs = (cascade_run(stages, samples, o) for o in _orderings(src, exact_limit, mc_draws, seed))
+    return _average(runs, src, exact_limit)

@@ -47,7 +47,7 @@ def extract_answer(text: str | None) -> str | None:
 
 
 def execute(decision, backend, question, *, execution, seed: int | None = None, system_extra: str = "",
-            extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+            extract: Callable[[str], str | None] | None = None, tiers=None) -> dict[str, Any]:
     """Run ``decision`` (a ``Decision``: budget B, samples k) on ``backend`` for ``question``.
 
     ``question``: the question text, or a conversation (``(role, text)`` turns ending with a user
@@ -67,6 +67,10 @@ def execute(decision, backend, question, *, execution, seed: int | None = None, 
     """
     from router.generation import RolloutError
 
+    tier = (tiers or {}).get(decision.tier)
+    if tier is not None and tier.adaptive:
+        return execute_adaptive(tier, tiers, backend, question, execution=execution, seed=seed,
+                                system_extra=system_extra, extract=extract)
     budget, k = int(decision.budget), int(decision.samples)
     if budget < 0 or k < 1:
         raise ValueError(f"decision needs budget >= 0 and samples >= 1, got budget={budget}, samples={k}")
@@ -83,11 +87,11 @@ def summarize(result, request, extract: Callable[[str], str | None] | None = Non
     """The vote over one executed request's samples (``execute``'s result; the proxy's streamed
     path calls it too): each sample's answer at the request's budget, scored the way the labels
     were, and the majority."""
-    from router.vote import majority, vote_key
+    from router.vote import vote_key
 
     budget = request.max_tokens
     extract = extract or extract_answer
-    samples, keys, total = [], [], 0
+    samples, total = [], 0
     for s in result.samples:
         # the same text the labels scored: the completion, or the forcing text + forced answer
         text, tokens, forced = s.at_budget(budget, request)
@@ -96,12 +100,99 @@ def summarize(result, request, extract: Callable[[str], str | None] | None = Non
         samples.append({"index": s.index, "seed": s.seed, "answer": answer, "vote_key": key, "forced": forced,
                         "finished": s.finished, "tokens": tokens, "text": text,
                         "content": s.text + text if forced else s.text})
-        keys.append(key)
         total += tokens
+    return {**_vote(samples), "samples": samples, "tokens": total,
+            "latency_tokens": max((x["tokens"] for x in samples), default=0), "usage": result.usage.to_dict(),
+            "seed": request.seed, "prompt": request.prompt}
+
+
+def execute_adaptive(tier, tiers, backend, question, *, execution, seed: int | None = None, system_extra: str = "",
+                     extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """Run an adaptive tier (``router.adaptive``) with the rules its labels assumed.
+
+    Sample i is always seeded ``seed + i`` at every budget, so a step or a later cascade stage
+    draws exactly the samples (and forced answers) the one-pass rollout drew, in index order: one
+    of the orders the labels average over. ``tokens`` counts what the labels count: a cascade
+    stage that reruns sample i to a larger budget pays only the tokens past what earlier stages
+    generated (an engine with prefix caching reuses them; ``recomputed_tokens`` is what this
+    engine actually generated). ``latency_tokens`` sums the steps' (stages') longest samples.
+    ``backend`` and ``execution`` may be mappings by model for a cascade over several models.
+    """
+    from router.adaptive import agreed, unsure, vote_until_steps
+    from router.generation import RolloutError
+
+    def of(x, model):
+        return x[model] if isinstance(x, dict) else x
+
+    if tier.kind == "vote_until":
+        stages = [(tier.model, tier.budget, drawn) for drawn in vote_until_steps(tier.samples, tier.step)]
+    elif tier.kind == "cascade":
+        stages = [(tiers[c].model, tiers[c].budget, tiers[c].samples) for c in tier.chain]
+    else:  # pragma: no cover - execute() sends static tiers elsewhere
+        raise ValueError(f"tier {tier.name!r} is not adaptive")
+    generated: dict[tuple[str, int], int] = {}  # (model, sample) -> reasoning tokens generated so far
+    tokens = latency = recomputed = 0
+    steps, out, drawn_before = [], None, 0
+    for j, (model, budget, k) in enumerate(stages):
+        ex = of(execution, model)
+        prompt = ex.prompt(question, system_extra)
+        base = prompt_seed_of(prompt) if seed is None else int(seed)
+        # vote_until draws only the new samples of this step; a cascade stage reruns its first k
+        first = drawn_before if tier.kind == "vote_until" else 0
+        request = ex.request(prompt, budget, k - first, base + first)
+        results = of(backend, model).one_pass([request], ex.sampling)
+        if len(results) != 1 or len(results[0].samples) != k - first:
+            raise RolloutError(f"backend returned {len(results)} result(s); expected 1 with {k - first} samples")
+        part = summarize(results[0], request, extract)
+        step_tokens = []
+        for x, s in zip(part["samples"], results[0].samples):
+            i = first + x["index"]
+            x["index"], x["seed"] = i, base + i
+            reasoning = s.n_tokens if not x["forced"] else min(s.n_tokens, budget)
+            before = generated.get((model, i), 0) if tier.kind == "cascade" else 0
+            step_tokens.append(max(0, reasoning - before) + (x["tokens"] - reasoning))
+            generated[(model, i)] = max(before, reasoning)
+            recomputed += x["tokens"]
+        tokens += sum(step_tokens)
+        latency += max(step_tokens)
+        if tier.kind == "vote_until":
+            out = {**part, "samples": (out["samples"] if out else []) + part["samples"]}
+            drawn_before = k
+            keys = [x["vote_key"] for x in out["samples"]]
+            win = agreed(keys, tier.agree)
+            steps.append({"model": model, "budget": budget, "drawn": k, "agreed": win})
+            if win is not None:
+                first_win = next(x for x in out["samples"] if x["vote_key"] == win)
+                out.update(answer=first_win["answer"], vote_key=win, content=first_win["content"])
+                break
+            if j == len(stages) - 1:  # k drawn without agreement: the majority of all k decides
+                out.update(_vote(out["samples"]))
+        else:
+            out = part
+            keys = [x["vote_key"] for x in part["samples"]]
+            forced = [x["forced"] for x in part["samples"]]
+            go_on = j < len(stages) - 1 and unsure(keys, forced, budget)
+            steps.append({"model": model, "budget": budget, "samples": k, "escalated": go_on})
+            if not go_on:
+                break
+    out.update(tokens=tokens, latency_tokens=latency, recomputed_tokens=recomputed, seed=base,
+               adaptive={"tier": tier.name, "kind": tier.kind, "steps": steps})
+    return out
+
+
+def prompt_seed_of(prompt: str) -> int:
+    from router.execution import prompt_seed
+
+    return prompt_seed(prompt)
+
+
+def _vote(samples: list[dict]) -> dict[str, Any]:
+    """The majority over ``samples`` (first appearance breaks ties), as ``summarize`` votes."""
+    from router.vote import majority
+
+    keys = [x["vote_key"] for x in samples]
     winner, _ = majority(keys)
     first = next((x for x in samples if x["vote_key"] == winner), samples[0]) if samples else None
     votes = dict(Counter(k_ for k_ in keys if k_ is not None))
     return {"answer": first["answer"] if winner is not None else None, "vote_key": winner, "votes": votes,
-            "content": first["content"] if first else "", "samples": samples, "tokens": total,
-            "latency_tokens": max((x["tokens"] for x in samples), default=0), "usage": result.usage.to_dict(),
-            "seed": request.seed, "prompt": request.prompt}
+            "content": first["content"] if first else ""}

@@ -295,6 +295,12 @@ class Proxy:
         ex = self.router.execution(decision.model)
         engine = self.engines[decision.model]
         conv = req.conversation
+        tier = self.router.tier_map.get(decision.tier)
+        if tier is not None and tier.adaptive:  # buffered: the rule needs every step's answers
+            models = {tier.model} | {self.router.tier_map[c].model for c in tier.chain}
+            return execute(decision, {m: self.engines[m] for m in models}, list(conv.turns),
+                           execution={m: self.router.execution(m) for m in models}, seed=req.seed,
+                           system_extra=conv.system, tiers=self.router.tier_map)
         if on_text is None or decision.samples != 1:
             return execute(decision, engine, list(conv.turns), execution=ex, seed=req.seed, system_extra=conv.system)
         prompt = ex.prompt(list(conv.turns), conv.system)

