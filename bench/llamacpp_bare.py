@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from bench.results_io import start, write_result
-    from pipelines.backends.model_files import resolve_model_path
+    from router.model_files import resolve_model_path
 
     started = start()
     from router.prompts import render_prompt

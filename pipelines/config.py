@@ -16,15 +16,7 @@ from typing import Any, Sequence
 from router.tiers import Tier, tier_name
 
 DEFAULT_PARAMS = "params.yaml"
-CACHE_ENV = "DR_MODEL_CACHE"  # overrides the machine-wide cache of assembled models and tables
-DEFAULT_CACHE = Path("~/.cache/difficulty-router/models")
-
-
-def model_cache_dir() -> Path:
-    """Where assembled model files and distilled tables are cached (``$DR_MODEL_CACHE`` or the default)."""
-    import os
-
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+from router.model_files import CACHE_ENV, DEFAULT_CACHE, model_cache_dir  # noqa: F401  (re-exported)
 
 
 class ConfigError(ValueError):
@@ -167,11 +159,13 @@ class FeaturizeConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        from router.featurizer import EMBEDDINGS
+        from router.featurizer import EMBEDDINGS, encoders_of
 
-        if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding: unknown {self.embedding!r}; choose one of {list(EMBEDDINGS)}")
-        allowed = EMBEDDINGS[self.embedding]
+        try:
+            allowed = encoders_of(self.embedding)
+        except KeyError:
+            raise ValueError(f"embedding: unknown {self.embedding!r}; choose one of {list(EMBEDDINGS)} or "
+                             f"model:<a model under models:>") from None
         if self.encoder is not None and self.encoder not in allowed:
             raise ValueError(f"encoder: embedding {self.embedding!r} is computed by {list(allowed)}, "
                              f"not {self.encoder!r}")
@@ -322,6 +316,25 @@ class Params:
     def tier_list(self) -> list[Tier]:
         """The tier grid expanded and ordered by (model, budget, samples)."""
         return expand_tiers(self.tiers, self.models)
+
+    def feature_spec(self):
+        """The featurizer spec of ``featurize`` (``model:<name>`` filled in from ``models.<name>``:
+        its file and its prompt rendering; ``dim`` 0 until the featurize stage has loaded it)."""
+        from router.featurizer import MODEL_PREFIX, is_model_embedding
+
+        spec = self.featurize.spec()
+        if not is_model_embedding(spec.embedding):
+            return spec
+        name = spec.embedding[len(MODEL_PREFIX):]
+        if name not in self.models:
+            raise ConfigError(f"featurize.embedding: {spec.embedding!r} names no model under models: "
+                              f"({sorted(self.models)})")
+        m = self.models[name]
+        if m.backend != "llamacpp":
+            raise ConfigError(f"featurize.embedding: {spec.embedding!r} reads the model's hidden state through "
+                              f"llama.cpp; models.{name}.backend is {m.backend!r} (give a llamacpp model's GGUF)")
+        return dataclasses.replace(spec, dim=0, max_tokens=1024, model={
+            "name": name, "path": m.path, "template": m.template, "system_prompt": self.rollout.system_prompt})
 
 
 # typed sections: the params key -> (field, dataclass)

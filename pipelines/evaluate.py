@@ -63,6 +63,7 @@ def crossfit(ds, folds: int, params: Params) -> dict[str, Any]:
     n = len(ds.query_ids)
     fold = learn.fold_ids(n, folds, ecfg.seed)
     P, Cp, op = np.empty_like(ds.Y), np.empty_like(ds.Cost), np.empty(n, dtype=np.int64)
+    lam = np.empty(n)  # each query's operating point: its fold's lambda
     base = {b: (np.empty_like(ds.Y), np.empty_like(ds.Cost)) for b in baselines(params, ds)}
     records = []
     from router.policy import choose_batch
@@ -72,6 +73,7 @@ def crossfit(ds, folds: int, params: Params) -> dict[str, Any]:
         r = learn.fit_router(ds, fit_rows, cfg, params.policy)
         P[held], Cp[held] = r.success.predict(ds.X[held]), np.maximum(r.cost.predict(ds.X[held]), 0.0)
         op[held] = choose_batch(P[held], Cp[held], r.lam)
+        lam[held] = r.lam
         records.append({"fold": f, "fit_queries": int(len(fit_rows)), "evaluated_queries": int(len(held)),
                         "chosen": r.chosen, "cost_model": r.cost_model, "calibrated": r.calibrated,
                         "lambda": r.lam, "cv_apgr": r.report["cv_apgr"]})
@@ -80,7 +82,7 @@ def crossfit(ds, folds: int, params: Params) -> dict[str, Any]:
             for b, (bp, bc) in base.items():
                 s, c = learn.fit_baseline(b, ds, fit_rows, cfg)
                 bp[held], bc[held] = s.predict(ds.X[held]), c.predict(ds.X[held])
-    return {"rows": np.arange(n), "P": P, "Cp": Cp, "op": op, "baselines": base, "folds": records}
+    return {"rows": np.arange(n), "P": P, "Cp": Cp, "op": op, "lam": lam, "baselines": base, "folds": records}
 
 
 def holdout(ds, params: Params) -> dict[str, Any]:
@@ -98,7 +100,8 @@ def holdout(ds, params: Params) -> dict[str, Any]:
         for b in baselines(params, ds):
             s, c = learn.fit_baseline(b, ds, fit_rows, params.train)
             base[b] = (s.predict(ds.X[test]), c.predict(ds.X[test]))
-    return {"rows": test, "P": P, "Cp": Cp, "op": choose_batch(P, Cp, float(meta["lambda"])), "baselines": base,
+    return {"rows": test, "P": P, "Cp": Cp, "op": choose_batch(P, Cp, float(meta["lambda"])),
+            "lam": np.full(len(test), float(meta["lambda"])), "baselines": base,
             "folds": [{"fold": "holdout", "fit_queries": int(len(fit_rows)), "evaluated_queries": int(len(test)),
                        "chosen": meta["chosen"], "cost_model": meta["cost_model"], "calibrated": meta["calibrated"],
                        "lambda": float(meta["lambda"])}]}
@@ -151,6 +154,61 @@ def within_groups(choice: np.ndarray, Y: np.ndarray, Cost: np.ndarray, groups: n
     have = [v["queries"] for v in per.values() if v["apgr"] is not None]
     out["queries_in_scored_groups"] = int(sum(have))
     out["per_group"] = per
+    return out
+
+
+def adaptive_vs_static(P, Cp, Y, Cost, Lat, lam, adaptive: np.ndarray, choice: np.ndarray, n_boot: int,
+                       seed: int) -> dict[str, Any] | None:
+    """What adaptive tiers buy over the same router restricted to static tiers.
+
+    The static-only router is the router's own out-of-sample predictions with the adaptive columns
+    removed, at each query's own operating point (its fold's lambda). ``compute_saved``: 1 - the
+    mean cost the full router's curve (``choice``: its lambda sweep, as a hull) needs to reach the
+    static-only router's accuracy / the static-only router's mean cost; ``latency_saved`` the
+    same in latency tokens along the same curve (negative: adaptive tiers cost wall time). 95%
+    intervals by resampling queries. None when the grid has no adaptive or no static tier.
+    """
+    from pipelines.routing_metrics import cost_for_acc, upper_hull
+    from router.policy import choose_batch
+
+    static = np.nonzero(~adaptive)[0]
+    if not adaptive.any() or not len(static):
+        return None
+    q = np.arange(Y.shape[0])
+    op_s = np.empty(len(q), dtype=np.int64)
+    for v in np.unique(lam):
+        m = lam == v
+        op_s[m] = static[choose_batch(P[m][:, static], Cp[m][:, static], float(v))]
+
+    def saved(rows, M):
+        a_s, m_s = Y[rows, op_s[rows]].mean(), M[rows, op_s[rows]].mean()
+        ch = choice[:, rows]
+        acc, spend = Y[rows[None, :], ch].mean(axis=1), M[rows[None, :], ch].mean(axis=1)
+        hc, ha = upper_hull(spend, acc)
+        need = cost_for_acc(hc, ha, float(a_s))
+        ok = np.isfinite(need) and m_s > 0
+        return float(a_s), float(m_s), (float(1 - need / m_s) if ok else None), (float(need) if ok else None)
+
+    a_s, c_s, cs, c_need = saved(q, Cost)
+    out: dict[str, Any] = {"static_router_accuracy": a_s, "static_router_mean_cost": c_s,
+                           "adaptive_router_cost_at_that_accuracy": c_need, "adaptive_compute_saved_vs_static": cs}
+    if Lat is not None:
+        _, l_s, ls, l_need = saved(q, Lat)
+        out.update(static_router_mean_latency_tokens=l_s, adaptive_router_latency_tokens_at_that_accuracy=l_need,
+                   adaptive_latency_saved_vs_static=ls)
+    rng = np.random.default_rng(seed + 1)
+    draws: dict[str, list[float]] = {"adaptive_compute_saved_vs_static": [], "adaptive_latency_saved_vs_static": []}
+    for _ in range(n_boot):
+        r = rng.integers(0, len(q), len(q))
+        v = saved(r, Cost)[2]
+        if v is not None:
+            draws["adaptive_compute_saved_vs_static"].append(v)
+        if Lat is not None and (v := saved(r, Lat)[2]) is not None:
+            draws["adaptive_latency_saved_vs_static"].append(v)
+    for k, v in draws.items():
+        if k in out:
+            out[f"{k}_ci"] = ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                              if len(v) >= n_boot // 2 else None)
     return out
 
 
@@ -277,6 +335,11 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
         metrics["test_queries"] = int(len(rows))
     for k, v in boot["router"].items():
         metrics[f"{k}_ci"] = v
+    adaptive = np.array([t.get("kind", "static") != "static" for t in ds.tiers])
+    lat = ds.Latency[rows] if ds.Latency is not None else None
+    avs = adaptive_vs_static(P, Cp, Y, Cost, lat, pred["lam"], adaptive, choice, ecfg.bootstrap, ecfg.seed)
+    if avs is not None:
+        metrics.update(avs)
     groups, gpath = groups_of(params, [ds.query_ids[i] for i in rows])
     if groups is not None:
         metrics["within_groups"] = {"file": gpath, "router": within_groups(choice, Y, Cost, groups)}
@@ -304,8 +367,21 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     pd.DataFrame({"cost": hc, "accuracy": ha}).to_csv(plots / "fixed_hull.csv", index=False)
     pd.DataFrame(cal_rows).to_csv(plots / "calibration.csv", index=False)
     pd.DataFrame({"tier": names, "share": mix}).to_csv(plots / "tier_mix.csv", index=False)
+    static_curve = None
+    if avs is not None:  # the same router restricted to static tiers, beside the full one
+        st = np.nonzero(~adaptive)[0]
+        sa, sc = realized(st[curve(P[:, st], Cp[:, st], Y[:, st], Cost[:, st], lams)[0]], Y, Cost)
+        static_curve = (sa, sc)
+        pd.DataFrame({"cost": sc, "accuracy": sa, "lambda": lams}).sort_values("cost").to_csv(
+            plots / "static_router_curve.csv", index=False)
+        if lat is not None:
+            la = realized(choice, Y, lat)[1]
+            ls = realized(st[curve(P[:, st], Cp[:, st], Y[:, st], Cost[:, st], lams)[0]], Y, lat)[1]
+            pd.concat([pd.DataFrame({"router": "with adaptive tiers", "latency_tokens": la, "accuracy": acc}),
+                       pd.DataFrame({"router": "static tiers only", "latency_tokens": ls, "accuracy": sa})]).to_csv(
+                plots / "latency_curves.csv", index=False)
     write_plots(plots, names, acc, cost, fa, fc, hc, ha, (oc, oa), (point[1], point[0]), cal_rows, mix, base_curves,
-                "cross-fitted" if folds else "test split")
+                "cross-fitted" if folds else "test split", adaptive=adaptive, static_curve=static_curve)
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     run.log_metrics({f"baseline_{b}_apgr": m["apgr"] for b, m in base_metrics.items() if m["apgr"] is not None})
     run.log_artifact(ecfg.metrics)
@@ -313,8 +389,10 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     return metrics
 
 
-def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_rows, mix, base_curves, how) -> None:
-    """Pareto (accuracy vs cost; ``oracle_pt`` and ``op`` are (cost, accuracy)), calibration, tier mix."""
+def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_rows, mix, base_curves, how,
+                adaptive=None, static_curve=None) -> None:
+    """Pareto (accuracy vs cost; ``oracle_pt`` and ``op`` are (cost, accuracy); adaptive tiers
+    marked apart, and the router restricted to static tiers if given), calibration, tier mix."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +406,15 @@ def write_plots(d: Path, names, acc, cost, fa, fc, hc, ha, oracle_pt, op, cal_ro
     for i, (b, (a, c)) in enumerate(base_curves.items()):
         bc, ba = upper_hull(c, a)
         ax.plot(bc, ba, ":", color=f"C{4 + i}", label=f"{b} baseline (hull)")
-    ax.scatter(fc, fa, color="C1", zorder=3, label="fixed tiers")
+    if static_curve is not None:
+        so = np.argsort(static_curve[1])
+        ax.plot(np.asarray(static_curve[1])[so], np.asarray(static_curve[0])[so], "-", color="C9", lw=1.5,
+                label="router, static tiers only")
+    ad = np.zeros(len(names), bool) if adaptive is None else np.asarray(adaptive, bool)
+    ax.scatter(np.asarray(fc)[~ad], np.asarray(fa)[~ad], color="C1", zorder=3, label="fixed tiers")
+    if ad.any():
+        ax.scatter(np.asarray(fc)[ad], np.asarray(fa)[ad], marker="^", color="C8", zorder=3,
+                   label="adaptive tiers (fixed)")
     for n, x, y in zip(names, fc, fa):
         ax.annotate(n, (x, y), fontsize=6, alpha=0.7)
     ax.plot(hc, ha, "--", color="C1", alpha=0.6, label="random mixtures of fixed tiers")

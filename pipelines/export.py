@@ -58,7 +58,7 @@ def ood_reference(train_X: np.ndarray, val_X: np.ndarray, names: list[str], quan
 def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
     """Write the bundle (whole folder or nothing) and, inside an MLflow run, register it."""
     from router.bundle import write_manifest
-    from router.featurizer import MINILM_STATIC
+    from router.featurizer import MINILM, MINILM_STATIC
 
     cfg, tcfg, ecfg, pcfg = params.export, params.train, params.evaluate, params.policy
     ev = artifacts.read_json(ecfg.metrics)
@@ -101,7 +101,7 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         shutil.copyfile(files["table"], tmp / "encoder" / TABLE_FILE)
         shutil.copyfile(files["tokenizer"], tmp / "encoder" / TOKENIZER_FILE)
         encoder = {"static": f"encoder/{TABLE_FILE}", "tokenizer": f"encoder/{TOKENIZER_FILE}"}
-    elif cfg.onnx_encoder and embedding != "none":
+    elif cfg.onnx_encoder and embedding in (MINILM,):
         from pipelines.onnx_export import export_minilm_onnx
 
         encoder = export_minilm_onnx(tmp / "encoder")

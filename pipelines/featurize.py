@@ -7,6 +7,7 @@ same features. The cache lives in the output file itself (kept across runs by DV
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -42,7 +43,12 @@ def featurize(params: Params, run=NULL_RUN, *, featurizer=None) -> dict[str, Any
     import pandas as pd
 
     cfg = params.featurize
-    spec = cfg.spec()
+    spec = params.feature_spec()
+    fz = featurizer
+    if spec.embedding.startswith("model:"):  # the width is the model's: load it to know
+        fz = fz or make_featurizer(cfg, spec)
+        spec = dataclasses.replace(spec, dim=fz.encoder.dim)
+        fz.spec = spec
     out = Path(cfg.out)
     queries = artifacts.read_queries(params.prepare.out)
     cached = None
@@ -58,7 +64,7 @@ def featurize(params: Params, run=NULL_RUN, *, featurizer=None) -> dict[str, Any
     if todo:
         from tqdm import tqdm
 
-        fz = featurizer or make_featurizer(cfg, spec)
+        fz = fz or make_featurizer(cfg, spec)
         rows = []
         step = max(cfg.batch_size * 4, 1)
         for i in tqdm(range(0, len(todo), step), desc="featurize", unit="batch", disable=len(todo) <= step):

@@ -206,6 +206,13 @@ def label(params: Params, run=NULL_RUN) -> dict[str, Any]:
 
         imported = import_outcomes(params.data.outcomes, params)
         out, tiers, bad, single = imported.outcomes, imported.tiers, imported.bad, None
+        if imported.derived:  # votes and early-stopping votes over the table's own samples
+            import pandas as pd
+
+            split = dict(zip(out["query_id"], out["split"]))
+            out = pd.concat([out, outcomes_from_records(imported.records, imported.derived, split)],
+                            ignore_index=True)
+            tiers = [*tiers, *imported.derived]
         splits_from = "table" if imported.own_split else "hash"
     else:
         (out, tiers, single), bad = outcomes_from_rollouts(params), []

@@ -1,8 +1,14 @@
 """Import a precomputed outcome table (published model responses, your own traffic logs).
 
 Long format, one row per (query, tier) or per (query, tier, sample): ``query_id, text, tier,
-correct, cost`` and optional ``split``. CSV, JSONL or Parquet. Rows that cannot be used are
-reported with their line numbers and left out; nothing is guessed.
+correct, cost`` and optional ``split`` and ``answer``. CSV, JSONL or Parquet. Rows that cannot be
+used are reported with their line numbers and left out; nothing is guessed.
+
+With an ``answer`` column (each sample's extracted answer; empty: none) and several rows per
+(query, tier), a tier's rows are its samples, and the import derives what those samples can
+label without new generation (README, "Bring your own outcomes"): majority votes of 2, 4, ...
+samples (``<tier>-k<m>``) and an early-stopping vote (``<tier>-a2k<n>``: stop once two answers
+agree, at most n), labelled by the same estimators as rollouts (``pipelines.label``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.artifacts import OUTCOME_COLUMNS
 from pipelines.config import Params
@@ -33,7 +39,7 @@ def read_table(path: str | Path):
         raise FileNotFoundError(f"outcome table not found: {p}")
     suffix = "".join(p.suffixes[-2:]).lower() if p.suffix == ".gz" else p.suffix.lower()
     if suffix in (".csv", ".csv.gz"):
-        df = pd.read_csv(p, dtype={"query_id": str, "text": str, "tier": str, "split": str}, keep_default_na=False,
+        df = pd.read_csv(p, dtype={"query_id": str, "text": str, "tier": str, "split": str, "answer": str}, keep_default_na=False,
                          na_values={"correct": [""], "cost": [""]})
         firstsource_line = 2  # line 1 is the header
     elif suffix in (".jsonl", ".json", ".jsonl.gz"):
@@ -97,6 +103,9 @@ def validate_rows(df, declared: set[str] | None):
     split = split.map(lambda v: str(v) if isinstance(v, str) and v in SPLITS else None)
     keep = pd.DataFrame({"query_id": qid[ok], "text": text[ok], "tier": tier[ok], "correct": correct[ok].astype(float),
                          "cost": cost[ok].astype(float), "split": split[ok], "source_line": df["source_line"][ok]})
+    if "answer" in df.columns:
+        keep["answer"] = df["answer"][ok].map(lambda a: None if a is None or (isinstance(a, float) and math.isnan(a))
+                                              or str(a).strip() == "" else str(a))
     return keep.reset_index(drop=True), sorted(bad, key=lambda b: b["line"])
 
 
@@ -109,6 +118,8 @@ class ImportedOutcomes:
     queries: list[Query]
     bad: list[dict[str, Any]]
     own_split: bool = False  # the table gave its queries' splits (else: by hash of query_id)
+    records: Any = None  # per-sample records (label's format) of tiers with answers and several samples
+    derived: list[Tier] = field(default_factory=list)  # the tiers to label from ``records``
 
 
 def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
@@ -171,4 +182,40 @@ def import_outcomes(path: str, params: Params) -> ImportedOutcomes:
     agg["latency_tokens"] = agg["cost_tokens"]  # the table has no sequence lengths: assume serial
     out = agg[list(OUTCOME_COLUMNS)].reset_index(drop=True)
     own = bool(df["split"].notna().any())
-    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]), own_split=own)
+    records, derived = None, []
+    if "answer" in df.columns and not declared_tiers:
+        records, derived = sample_records(df[df["query_id"].isin(set(split_by_id))], tiers)
+    return ImportedOutcomes(out, tiers, queries, sorted(bad, key=lambda b: b["line"]), own_split=own,
+                            records=records, derived=derived)
+
+
+def sample_records(df, tiers: list[Tier]):
+    """Per-sample records of every table tier with at least two samples of every query, and the
+    tiers they label: votes of 2, 4, ... up to n samples and an early-stopping vote over n.
+
+    A tier's n is its smallest sample count over queries (a query's first n rows in table order
+    are used); a tier is a "model" at budget 0 whose samples cost the table's cost column.
+    """
+    import pandas as pd
+
+    from router.vote import vote_key
+
+    frames, derived = [], []
+    for t in tiers:
+        g = df[df["tier"] == t.name].sort_values("source_line")
+        n = int(g.groupby("query_id").size().min()) if len(g) else 0
+        if n < 2:
+            continue
+        g = g.assign(sample=g.groupby("query_id").cumcount())
+        g = g[g["sample"] < n]
+        frames.append(pd.DataFrame({
+            "query_id": g["query_id"], "model": t.model, "sample": g["sample"], "budget": 0,
+            "vote_key": g["answer"].map(lambda a: vote_key(a) if isinstance(a, str) else None), "correct": g["correct"] >= 0.5,
+            "tokens": g["cost"] / (t.cost_per_token or 1.0), "reasoning_tokens": g["cost"] / (t.cost_per_token or 1.0),
+            "forced": False}))
+        sizes = sorted({m for m in (2, 4, 8, 16, 32, 64) if m < n} | {n})
+        derived += [Tier(f"{t.name}-k{m}", t.model, 0, m, t.cost_per_token) for m in sizes]
+        derived.append(Tier(f"{t.name}-a2k{n}", t.model, 0, n, t.cost_per_token, kind="vote_until", agree=2))
+    if not frames:
+        return None, []
+    return pd.concat(frames, ignore_index=True), derived

@@ -31,9 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def bundle_opt(sp):
         sp.add_argument("--bundle", default=None, help="bundle folder (default: $DR_BUNDLE or models/router)")
-        sp.add_argument("--encoder", default="auto", choices=("auto", "onnx", "sentence-transformers", "static"),
-                        help="auto: the static table for a static-embedding bundle, else ONNX if the bundle "
-                        "ships it, else sentence-transformers")
+        sp.add_argument("--encoder", default="auto", choices=("auto", "onnx", "sentence-transformers", "static", "model"),
+                        help="auto: the static table for a static-embedding bundle, the model's own state for a "
+                        "model:<name> bundle, else ONNX if the bundle ships it, else sentence-transformers")
 
     r = sub.add_parser("route", help="route one query, or one per stdin line with '-'")
     r.add_argument("text", help="the query, or '-' to read one query per line from stdin")

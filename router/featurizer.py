@@ -43,6 +43,19 @@ EMBEDDINGS = {
     "none": (),
 }
 
+MODEL_PREFIX = "model:"  # model:<name>: the serving model's hidden state (router.model_encoder)
+MODEL_ENCODER = "model"
+
+
+def is_model_embedding(embedding: str) -> bool:
+    return isinstance(embedding, str) and embedding.startswith(MODEL_PREFIX) and len(embedding) > len(MODEL_PREFIX)
+
+
+def encoders_of(embedding: str) -> tuple[str, ...]:
+    """The encoders that compute ``embedding`` (the first is the pipeline's); KeyError if unknown."""
+    return (MODEL_ENCODER,) if is_model_embedding(embedding) else EMBEDDINGS[embedding]
+
+
 LEXICAL_NAMES = (
     "log_chars", "log_words", "log_digits", "numbers", "log_max_number", "operators", "plus", "minus",
     "times", "divide", "equals", "decimals", "percent_or_fraction", "sentences", "lines", "question_words",
@@ -95,9 +108,16 @@ class FeaturizerSpec:
     max_tokens: int = 256  # MiniLM's max_seq_length
     schema: int = FEATURIZER_SCHEMA
 
+    # ``model:<name>`` only: the model's GGUF and how its prompts are rendered (path, template,
+    # system_prompt), so the runtime computes the features the way training did
+    model: dict | None = None
+
     def __post_init__(self):
-        if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {list(EMBEDDINGS)}")
+        # a model:<name> spec gets its model settings from params (Params.feature_spec); the
+        # encoder refuses to run without them
+        if not is_model_embedding(self.embedding) and self.embedding not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of {list(EMBEDDINGS)} "
+                             f"or model:<name>")
 
     def feature_names(self) -> list[str]:
         names = list(LEXICAL_NAMES) if self.lexical else []
@@ -183,6 +203,7 @@ ENCODERS = Registry("encoder", {
     "sentence-transformers": "router.featurizer:SentenceTransformerEncoder",
     "onnx": "router.onnx_encoder:OnnxEncoder",
     "static": "router.static_encoder:StaticEncoder",
+    MODEL_ENCODER: "router.model_encoder:ModelEncoder",
 })
 
 
@@ -192,13 +213,15 @@ class Featurizer:
     def __init__(self, spec: FeaturizerSpec | None = None, encoder: str | None = None,
                  encoder_kwargs: dict | None = None):
         self.spec = spec or FeaturizerSpec()
-        allowed = EMBEDDINGS[self.spec.embedding]
+        allowed = encoders_of(self.spec.embedding)
         if encoder is None:  # the embedding's own (pipeline) encoder
             encoder = allowed[0] if allowed else None
         elif allowed and encoder not in allowed:
             raise ValueError(f"embedding {self.spec.embedding!r} is computed by {list(allowed)}, not {encoder!r}")
         self.encoder_name = encoder
         self.encoder_kwargs = dict(encoder_kwargs or {})
+        if encoder == MODEL_ENCODER:
+            self.encoder_kwargs.setdefault("model", self.spec.model)
         self._encoder = None
 
     @property
@@ -231,8 +254,16 @@ class Featurizer:
             if not enc.get("static"):
                 raise BundleError(f"{path / 'manifest.json'}: static embedding but no encoder.static table")
             name = "static"
+        elif is_model_embedding(spec.embedding):
+            if encoder not in ("auto", MODEL_ENCODER):
+                raise BundleError(f"{path}: the bundle's embedding {spec.embedding} is the model's own hidden "
+                                  f"state (encoder {MODEL_ENCODER!r}), not {encoder!r}")
+            name = MODEL_ENCODER
         elif encoder == "static":
             raise BundleError(f"{path}: the static encoder computes {MINILM_STATIC} embeddings; this bundle "
+                              f"was trained on {spec.embedding}")
+        elif encoder == MODEL_ENCODER:
+            raise BundleError(f"{path}: the model encoder computes model:<name> embeddings; this bundle "
                               f"was trained on {spec.embedding}")
         elif encoder == "auto":
             name = "onnx" if enc.get("onnx") and _has("onnxruntime") else "sentence-transformers"

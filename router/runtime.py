@@ -81,7 +81,8 @@ class Router:
     def load(cls, path: str | Path, encoder: str = "auto", verify: bool = True) -> "Router":
         """Load and verify a bundle. ``encoder``: "auto" (ONNX if the bundle carries it and
         onnxruntime is installed, else sentence-transformers; the static table for a bundle
-        trained on static embeddings), "onnx", "sentence-transformers" or "static"."""
+        trained on static embeddings; the model itself, through llama.cpp, for a ``model:<name>``
+        bundle), "onnx", "sentence-transformers", "static" or "model"."""
         import numpy as np
 
         from router.featurizer import Featurizer

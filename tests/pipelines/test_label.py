@@ -131,3 +131,41 @@ def test_adaptive_tiers_are_labelled_from_the_same_records():
     want = cascade([Stage("m", 0, 2, 2.0, 0), Stage("m", 8, 3, 2.0, 8)], {"m": s})
     assert out.loc[cas.name, "p_correct"] == pytest.approx(want.p_correct)
     assert out.loc[cas.name, "latency_tokens"] == pytest.approx(want.latency_tokens)
+
+
+def test_a_table_with_answers_per_sample_gets_votes_and_early_stopping_votes(tmp_path):
+    """Several rows per (query, tier) with an ``answer`` column: the tier's samples. The label
+    stage derives k-votes and vote_until from them, with the rollout estimators."""
+    from pipelines.adaptive import Samples, vote_until
+    from pipelines.label import label
+
+    rng = np.random.default_rng(3)
+    rows, truth = [], {}
+    for i in range(30):
+        for tier, cost, p in (("direct", 2.0, 0.3), ("cot", 40.0, 0.7)):
+            for s in range(3):
+                ok = rng.random() < p
+                answer = "7" if ok else ("" if rng.random() < 0.2 else str(rng.integers(1, 4)))
+                rows.append({"query_id": f"q{i}", "text": f"question {i}", "tier": tier, "correct": int(ok),
+                             "cost": cost + s, "answer": answer})
+                truth.setdefault((f"q{i}", tier), []).append((answer, ok, cost + s))
+    write_table(tmp_path / "t.csv", rows)
+    p = parse_params({"data": {"outcomes": str(tmp_path / "t.csv")},
+                      "label": {"out": str(tmp_path / "o.parquet"), "tiers_out": str(tmp_path / "tiers.json"),
+                                "report": str(tmp_path / "r.json"), "metrics": str(tmp_path / "m.json")}})
+    label(p)
+    out = pd.read_parquet(tmp_path / "o.parquet")
+    tiers = {t["name"]: t for t in json.loads((tmp_path / "tiers.json").read_text())}
+    assert {"direct", "cot", "direct-k2", "direct-k3", "direct-a2k3", "cot-k2", "cot-k3", "cot-a2k3"} == set(tiers)
+    assert tiers["cot-a2k3"]["kind"] == "vote_until"
+    row = out[(out["tier"] == "cot-a2k3") & (out["query_id"] == "q5")].iloc[0]
+    samples = truth[("q5", "cot")]
+    s = Samples(n=3, correct_keys={"7"} if any(ok for _, ok, _ in samples) else set(),
+                keys={0: [a or None for a, _, _ in samples]}, tokens={0: [c for _, _, c in samples]},
+                reasoning={0: [c for _, _, c in samples]}, forced={0: [False] * 3})
+    want = vote_until(s, 0, 2, 3)
+    assert row["p_correct"] == pytest.approx(want.p_correct) and row["cost"] == pytest.approx(want.cost)
+    k3 = out[(out["tier"] == "cot-k3") & (out["query_id"] == "q5")].iloc[0]
+    keys = [a or None for a, _, _ in samples]
+    assert k3["p_correct"] == pytest.approx(majority_vote_accuracy(keys, [ok for _, ok, _ in samples], 3))
+    assert k3["cost"] == pytest.approx(sum(c for _, _, c in samples))

@@ -62,12 +62,12 @@ def test_bad_featurizer_entries_name_the_manifest(tmp_path):
 
 
 def test_the_encoder_registry_lists_valid_names_and_imports_lazily():
-    assert ENCODERS.names() == ["onnx", "sentence-transformers", "static"]
+    assert ENCODERS.names() == ["model", "onnx", "sentence-transformers", "static"]
     assert ENCODERS.get("sentence-transformers") is SentenceTransformerEncoder
-    assert all(issubclass(ENCODERS.get(n), Encoder) for n in ("onnx", "static"))
+    assert all(issubclass(ENCODERS.get(n), Encoder) for n in ("onnx", "static", "model"))
     fz = Featurizer(FeaturizerSpec(embedding="none"), encoder="glove")  # no embedding: nothing checked yet
     fz.spec = FeaturizerSpec()  # now it needs one: the registry names the valid encoders
-    with pytest.raises(ValueError, match=r"unknown encoder 'glove'; choose one of \['onnx'"):
+    with pytest.raises(ValueError, match=r"unknown encoder 'glove'; choose one of \['model', 'onnx'"):
         fz.encoder  # noqa: B018
 
 

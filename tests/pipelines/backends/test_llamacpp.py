@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig, budgets_to_force
-from pipelines.backends.model_files import resolve_model_path
+from router.model_files import resolve_model_path
 from pipelines.config import ModelConfig
 from router.prompts import render_prompt, stop_strings
 

