@@ -250,8 +250,13 @@ class PolicyConfig:
     # its accuracy keeps the test-time point from landing just below it
     accuracy_margin: float = 0.0
     ood_quantile: float = 0.01  # queries less similar to training than this quantile fall back
+    # share of served requests sent to another allowed tier (router.policy.explore_choice), so logged
+    # traffic supports off-policy evaluation; 0: off, the policy is deterministic
+    explore: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         if self.target not in POLICY_TARGETS:
             raise ValueError(f"target must be one of {list(POLICY_TARGETS)}, got {self.target!r}")
         if self.target in ("accuracy", "cost") and self.lam is None and self.target_value is None:
