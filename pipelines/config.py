@@ -302,6 +302,54 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """``python -m pipelines feedback``: decision logs joined with observed outcomes."""
+
+    decisions: tuple = ("logs/decisions.jsonl",)  # the proxy's default log (its rotated files too)
+    outcomes: str | None = None  # CSV or JSONL of request_id, correct in [0, 1]; the command line may give it
+    out_dir: str = "data/production"  # feedback.parquet and feedback_report.json
+
+
+@dataclass(frozen=True)
+class OpeConfig:
+    """``python -m pipelines ope``: off-policy evaluation on the feedback table."""
+
+    bootstrap: int = 1000  # resamples for the percentile intervals; 1000 keeps the 2.5% tail to +-0.5 pt
+    confidence: float = 0.95
+    seed: int = 0
+    # propensities below this are clipped in IPS/DR weights (None: no clipping, unbiased but heavy-tailed)
+    min_propensity: float | None = None
+    out: str = "metrics/ope.json"
+
+    def __post_init__(self):
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.bootstrap < 1:
+            raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """``python -m pipelines drift``: training data against a window of production."""
+
+    # PSI 0.1 / 0.25 are the credit-scoring rule of thumb (slight / significant shift) that
+    # monitoring tools default to; PSI above `psi` on a feature or on predicted p(correct) flags drift
+    psi: float = 0.25
+    psi_bins: int = 10  # quantile bins of the training distribution
+    ks_pvalue: float = 0.001  # two-sample KS, reported beside PSI; small: the p-value alone flags tiny shifts at scale
+    tier_mix_tv: float = 0.2  # total variation between training-time and production tier mix that flags drift
+    ood_rate: float = 0.1  # share of production requests routed out-of-distribution that flags drift
+    accuracy_drop: float = 0.1  # observed accuracy this far below predicted (per tier, where outcomes exist)
+    min_rows: int = 50  # fewer production rows than this: the report says so and flags nothing
+    out: str = "metrics/drift.json"
+    plot: str | None = "plots/drift.png"  # None: no plot
+
+    def __post_init__(self):
+        if self.psi_bins < 2:
+            raise ValueError(f"psi_bins must be >= 2, got {self.psi_bins}")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file, every section typed. Stages read their own section from here."""
 
@@ -318,6 +366,9 @@ class Params:
     policy: PolicyConfig = PolicyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    ope: OpeConfig = OpeConfig()
+    drift: DriftConfig = DriftConfig()
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:
@@ -333,7 +384,8 @@ class Params:
 SECTIONS = {
     "mlflow": MlflowConfig, "data": DataConfig, "prepare": PrepareConfig, "rollout": RolloutConfig,
     "label": LabelConfig, "featurize": FeaturizeConfig, "train": TrainConfig, "policy": PolicyConfig,
-    "evaluate": EvaluateConfig, "export": ExportConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig, "feedback": FeedbackConfig, "ope": OpeConfig,
+    "drift": DriftConfig,
 }
 TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
 # sections older params files may carry that no stage reads any more: refused with this advice
