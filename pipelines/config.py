@@ -336,11 +336,13 @@ class DriftConfig:
     # monitoring tools default to; PSI above `psi` on a feature or on predicted p(correct) flags drift
     psi: float = 0.25
     psi_bins: int = 10  # quantile bins of the training distribution
-    ks_pvalue: float = 0.001  # two-sample KS, reported beside PSI; small: the p-value alone flags tiny shifts at scale
+    # a column flags only if its KS p-value is also below this: PSI alone is noisy on small windows
+    ks_pvalue: float = 0.001
     tier_mix_tv: float = 0.2  # total variation between training-time and production tier mix that flags drift
     ood_rate: float = 0.1  # share of production requests routed out-of-distribution that flags drift
-    accuracy_drop: float = 0.1  # observed accuracy this far below predicted (per tier, where outcomes exist)
+    accuracy_drop: float = 0.1  # observed accuracy this far (and 2 se) below predicted, per tier, flags
     min_rows: int = 50  # fewer production rows than this: the report says so and flags nothing
+    min_tier_rows: int = 20  # requests with outcomes a tier needs before its accuracy can flag
     out: str = "metrics/drift.json"
     plot: str | None = "plots/drift.png"  # None: no plot
 

@@ -4,7 +4,6 @@ joined with CSV and JSONL outcomes; every unused line reported with its file and
 from __future__ import annotations
 
 import csv
-import http.client
 import json
 import os
 import subprocess
@@ -18,10 +17,8 @@ from pipelines.__main__ import main as pipelines_main
 from pipelines.config import ConfigError, parse_params
 from router import Router
 from router.decision_log import log_files, read_records
-from router.proxy import ProxyConfig
-from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import start_proxy
+from tests.upstreams import proxy_traffic
 
 REPO = Path(__file__).resolve().parents[2]
 N = 40
@@ -33,19 +30,9 @@ def logged(tmp_path_factory):
     """A decision log of N requests through the proxy, small enough rotation to span several files."""
     router = Router.load(session_proxy_bundle(tmp_path_factory).path)
     d = tmp_path_factory.mktemp("logs")
-    with FakeOpenAIServer() as fake:
-        srv = start_proxy(router, ProxyConfig(upstreams={"small": fake.url, "big": fake.url}, explore=0.3,
-                                              decision_log=str(d / "decisions.jsonl"), log_max_bytes=8192))
-        host, port = srv.server_address[:2]
-        try:
-            for text in synthetic_queries(N, seed=5)[0]:
-                conn = http.client.HTTPConnection(host, port, timeout=30)
-                conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                             body=json.dumps({"model": "router", "messages": [{"role": "user", "content": text}]}))
-                assert conn.getresponse().status == 200
-                conn.close()
-        finally:
-            srv.drain(5)
+    answers = proxy_traffic(router, synthetic_queries(N, seed=5)[0], d / "decisions.jsonl", explore=0.3,
+                            log_max_bytes=8192)
+    assert all(status == 200 for status, _, _ in answers)
     records = list(read_records(d / "decisions.jsonl"))
     assert len(records) == N and len(log_files(d / "decisions.jsonl")) > 2  # rotated
     return d / "decisions.jsonl", records

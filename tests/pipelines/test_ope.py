@@ -4,7 +4,6 @@ proxy's decision log joined with outcomes."""
 
 from __future__ import annotations
 
-import http.client
 import json
 
 import numpy as np
@@ -15,10 +14,8 @@ from pipelines.__main__ import main as pipelines_main
 from pipelines.ope import estimate
 from router import Router
 from router.policy import choose_batch, explore_choice, explore_probabilities
-from router.proxy import ProxyConfig
-from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import start_proxy
+from tests.upstreams import proxy_traffic
 
 COST = np.array([1.0, 4.0, 16.0, 64.0])
 SLOPE = np.array([1.2, 0.9, 0.6, 0.3])  # the costlier the tier, the less accuracy falls with difficulty
@@ -93,20 +90,8 @@ def test_bad_inputs_are_refused():
 def test_the_command_on_a_proxy_log(tmp_path_factory, tmp_path):
     router = Router.load(session_proxy_bundle(tmp_path_factory).path)
     texts, digits = synthetic_queries(80, seed=9)
-    with FakeOpenAIServer() as fake:
-        srv = start_proxy(router, ProxyConfig(upstreams={"small": fake.url, "big": fake.url}, explore=0.3,
-                                              decision_log=str(tmp_path / "d.jsonl"), log_text=True))
-        host, port = srv.server_address[:2]
-        ids = []
-        try:
-            for text in texts:
-                conn = http.client.HTTPConnection(host, port, timeout=30)
-                conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                             body=json.dumps({"model": "router", "messages": [{"role": "user", "content": text}]}))
-                ids.append(json.loads(conn.getresponse().read())["router"]["request_id"])
-                conn.close()
-        finally:
-            srv.drain(5)
+    answers = proxy_traffic(router, texts, tmp_path / "d.jsonl", explore=0.3, log_text=True)
+    ids = [body["router"]["request_id"] for _, body, _ in answers]
     # outcomes for all but the last 10: small numbers are answered, big ones not
     pd.DataFrame({"request_id": ids[:-10], "correct": (digits[:-10] <= 3).astype(float)}).to_csv(
         tmp_path / "o.csv", index=False)

@@ -16,7 +16,7 @@ from router.policy import explore_choice, explore_probabilities, explore_uniform
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import start_proxy
+from tests.upstreams import post_json, start_proxy
 
 # ---------------------------------------------------------------- the rule
 
@@ -112,15 +112,7 @@ def test_a_bad_rate_is_refused(router):
 
 
 def post(srv, body):
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read()), dict(resp.headers)
-    finally:
-        conn.close()
+    return post_json(srv, "/v1/chat/completions", body)
 
 
 def metrics(srv) -> str:
