@@ -82,6 +82,7 @@ class ProxyConfig:
     # epsilon-greedy exploration rate (router.policy.explore_choice), seeded by the request id;
     # None: the bundle's policy.explore (0 unless exported with one)
     explore: float | None = None
+    drift_report: str | None = None  # a `pipelines drift` report whose figures /metrics exports as gauges
 
 
 class RequestError(ClientError):
@@ -276,6 +277,9 @@ class Proxy:
         p.declare("router_proxy_upstream_tokens_per_second", "gauge",
                   "Each upstream's speed as the latency estimates use it (bundle measurement, then observed EWMA).",
                   ("upstream",), collect=lambda: {(m,): v for m, v in self.router.tokens_per_second.items()})
+        from router.monitoring import DriftGauges
+
+        DriftGauges(self.config.drift_report).declare(p)
         p.declare("router_proxy_explore_rate", "gauge", "The exploration rate decisions are drawn with "
                   "(decisions it diverted: router_proxy_decisions_total{reason=\"explore\"}).", (),
                   collect=lambda: {(): self.explore})
