@@ -4,7 +4,6 @@ and the gauges follow a rewritten report."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from router import Router
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import post_json, proxy_traffic, start_proxy
+from tests.upstreams import get_text, post_json, proxy_traffic, start_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "deploy" / "grafana"
@@ -68,16 +67,6 @@ def exported(text: str) -> dict[str, set[str]]:
     return out
 
 
-def scrape(srv) -> str:
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """A real drift report (feedback from proxy traffic with outcomes), then a proxy exporting it,
@@ -106,7 +95,7 @@ def scraped(tmp_path_factory):
             for t in texts[:20]:
                 assert post_json(srv, "/v1/chat/completions",
                                  {"model": "router", "messages": [{"role": "user", "content": t}]})[0] == 200
-            yield scrape(srv), report, d / "drift.json", srv
+            yield get_text(srv), report, d / "drift.json", srv
         finally:
             srv.drain(5)
 
@@ -157,9 +146,9 @@ def test_drift_gauges_carry_the_report_and_follow_a_new_one(scraped):
     path.write_text(json.dumps({**report, "drift": not report["drift"], "tier_mix_tv": 0.75}))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a coarse clock still sees a change
-    again = scrape(srv)
+    again = get_text(srv)
     assert f"router_proxy_drift_flagged {float(not report['drift'])}" in again
     assert "router_proxy_drift_tier_mix_tv 0.75" in again
     path.write_text("{not json")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-    assert "\nrouter_proxy_drift_flagged " not in scrape(srv)  # unreadable: declared, no samples
+    assert "\nrouter_proxy_drift_flagged " not in get_text(srv)  # unreadable: declared, no samples

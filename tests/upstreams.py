@@ -83,6 +83,19 @@ def start_proxy(router, config):
     return srv
 
 
+def get_text(srv, path: str = "/metrics") -> str:
+    """GET ``path`` from a server started by ``start_proxy``: the body as text."""
+    import http.client
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
 def post_json(srv, path: str, body: dict) -> tuple[int, dict, dict]:
     """POST ``body`` to a server started by ``start_proxy``: (status, JSON answer, headers)."""
     import http.client

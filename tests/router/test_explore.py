@@ -4,7 +4,6 @@ fallback), and the proxy's decision log, headers and metrics against a scripted 
 
 from __future__ import annotations
 
-import http.client
 import json
 
 import numpy as np
@@ -16,7 +15,7 @@ from router.policy import explore_choice, explore_probabilities, explore_uniform
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import post_json, start_proxy
+from tests.upstreams import get_text, post_json, start_proxy
 
 # ---------------------------------------------------------------- the rule
 
@@ -115,16 +114,6 @@ def post(srv, body):
     return post_json(srv, "/v1/chat/completions", body)
 
 
-def metrics(srv) -> str:
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
 def test_proxy_logs_propensity_and_a_replay_gives_the_same_tiers(router, tmp_path):
     eps = 0.4
     texts, _ = synthetic_queries(60, seed=11)
@@ -133,7 +122,7 @@ def test_proxy_logs_propensity_and_a_replay_gives_the_same_tiers(router, tmp_pat
                                               decision_log=str(tmp_path / "d.jsonl"), log_text=True))
         try:
             answers = [post(srv, {"model": "router", "messages": [{"role": "user", "content": t}]}) for t in texts]
-            text_metrics = metrics(srv)
+            text_metrics = get_text(srv)
         finally:
             srv.drain(5)
     recs = list(read_records(tmp_path / "d.jsonl"))
