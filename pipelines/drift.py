@@ -224,6 +224,8 @@ def _read_production(paths: Sequence[str]):
 
     features = feedback = None
     for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p}: no such production table (a features table, or `pipelines feedback`'s)")
         df = pd.read_parquet(p)
         if "request_id" in df.columns:
             if feedback is not None:
