@@ -1,6 +1,8 @@
 """``python -m pipelines all --params FILE [--set KEY=VALUE ...]``: every stage in order, without DVC.
 
 Stage runs are nested under one MLflow pipeline run. ``python -m pipelines STAGE`` runs one.
+``python -m pipelines TOOL ...`` runs a feedback-loop command with its own arguments
+(``feedback``, ``ope``, ``drift``: see ``python -m pipelines TOOL --help``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ import importlib
 import logging
 import sys
 
-from pipelines import STAGES
+from pipelines import STAGES, TOOLS
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:  # its own options (--decisions, --outcomes, ...)
+        importlib.import_module(f"pipelines.{argv[0]}").main(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
-    ap.add_argument("stage", choices=["all", *STAGES], help="a stage, or 'all' to run them in order")
+    ap.add_argument("stage", choices=["all", *STAGES, *TOOLS],
+                    help="a stage, 'all' to run them in order, or a feedback-loop tool (its own --help)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                     help="override one params key for every stage (value parsed as YAML; unknown keys fail)")

@@ -368,3 +368,20 @@ def load_model(d: str | Path):
         raise FileNotFoundError(f"{d}: no trained model; run the train stage first")
     meta = read_json(d / "model.json")
     return load_predictor(d, meta["success"]), load_predictor(d, meta["cost"]), meta
+
+
+# ---------------------------------------------------------------- production feedback
+
+
+def write_feedback(df, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    """The feedback table (``pipelines.feedback``): one row per logged request."""
+    write_parquet(df, path, metadata)
+
+
+def read_feedback(path: str | Path):
+    """The table written by :func:`write_feedback`; a clear error if it is missing."""
+    import pandas as pd
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no feedback table; run `python -m pipelines feedback` first")
+    return pd.read_parquet(path)

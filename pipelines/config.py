@@ -244,8 +244,13 @@ class PolicyConfig:
     # its accuracy keeps the test-time point from landing just below it
     accuracy_margin: float = 0.0
     ood_quantile: float = 0.01  # queries less similar to training than this quantile fall back
+    # share of served requests sent to another allowed tier (router.policy.explore_choice), so logged
+    # traffic supports off-policy evaluation; 0: off, the policy is deterministic
+    explore: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         if self.target not in POLICY_TARGETS:
             raise ValueError(f"target must be one of {list(POLICY_TARGETS)}, got {self.target!r}")
         if self.target in ("accuracy", "cost") and self.lam is None and self.target_value is None:
@@ -291,6 +296,56 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """``python -m pipelines feedback``: decision logs joined with observed outcomes."""
+
+    decisions: tuple = ("logs/decisions.jsonl",)  # the proxy's default log (its rotated files too)
+    outcomes: str | None = None  # CSV or JSONL of request_id, correct in [0, 1]; the command line may give it
+    out_dir: str = "data/production"  # feedback.parquet and feedback_report.json
+
+
+@dataclass(frozen=True)
+class OpeConfig:
+    """``python -m pipelines ope``: off-policy evaluation on the feedback table."""
+
+    bootstrap: int = 1000  # resamples for the percentile intervals; 1000 keeps the 2.5% tail to +-0.5 pt
+    confidence: float = 0.95
+    seed: int = 0
+    # propensities below this are clipped in IPS/DR weights (None: no clipping, unbiased but heavy-tailed)
+    min_propensity: float | None = None
+    out: str = "metrics/ope.json"
+
+    def __post_init__(self):
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.bootstrap < 1:
+            raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """``python -m pipelines drift``: training data against a window of production."""
+
+    # PSI 0.1 / 0.25 are the credit-scoring rule of thumb (slight / significant shift) that
+    # monitoring tools default to; PSI above `psi` on a feature or on predicted p(correct) flags drift
+    psi: float = 0.25
+    psi_bins: int = 10  # quantile bins of the training distribution
+    # a column flags only if its KS p-value is also below this: PSI alone is noisy on small windows
+    ks_pvalue: float = 0.001
+    tier_mix_tv: float = 0.2  # total variation between training-time and production tier mix that flags drift
+    ood_rate: float = 0.1  # share of production requests routed out-of-distribution that flags drift
+    accuracy_drop: float = 0.1  # observed accuracy this far (and 2 se) below predicted, per tier, flags
+    min_rows: int = 50  # fewer production rows than this: the report says so and flags nothing
+    min_tier_rows: int = 20  # requests with outcomes a tier needs before its accuracy can flag
+    out: str = "metrics/drift.json"
+    plot: str | None = "plots/drift.png"  # None: no plot
+
+    def __post_init__(self):
+        if self.psi_bins < 2:
+            raise ValueError(f"psi_bins must be >= 2, got {self.psi_bins}")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file, every section typed. Stages read their own section from here."""
 
@@ -307,6 +362,9 @@ class Params:
     policy: PolicyConfig = PolicyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    ope: OpeConfig = OpeConfig()
+    drift: DriftConfig = DriftConfig()
 
     def model(self, name: str) -> ModelConfig:
         if name not in self.models:
@@ -341,7 +399,8 @@ class Params:
 SECTIONS = {
     "mlflow": MlflowConfig, "data": DataConfig, "prepare": PrepareConfig, "rollout": RolloutConfig,
     "label": LabelConfig, "featurize": FeaturizeConfig, "train": TrainConfig, "policy": PolicyConfig,
-    "evaluate": EvaluateConfig, "export": ExportConfig,
+    "evaluate": EvaluateConfig, "export": ExportConfig, "feedback": FeedbackConfig, "ope": OpeConfig,
+    "drift": DriftConfig,
 }
 TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
 # sections older params files may carry that no stage reads any more: refused with this advice

@@ -85,6 +85,7 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         "fallback_tier": fallback,  # most accurate on validation: the safe choice when unsure
         "cheapest_tier": names[int(np.argmin(val.Cost.mean(axis=0)))],
         "tier_latency_tokens": both_lat,
+        "explore": float(pcfg.explore),  # the proxy's default exploration rate (router.policy.explore_choice)
     }
     ref, thr = ood_reference(train.X, val.X, train.feature_names, pcfg.ood_quantile)
     if ref is not None:

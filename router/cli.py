@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--log-keep", type=int, default=0, help="rotated log files to keep (0: all)")
     x.add_argument("--log-fsync", choices=("record", "none"), default="record",
                    help="record: fsync each record after its response is sent; none: leave it to the OS")
+    x.add_argument("--explore", type=float, default=None, metavar="EPSILON",
+                   help="exploration rate in [0, 1): that share of routed requests goes to another allowed tier, "
+                   "drawn uniformly and seeded by the request id, with its propensity logged (default: the "
+                   "bundle's policy.explore, 0 unless exported with one)")
+    x.add_argument("--drift-report", default=None, metavar="FILE",
+                   help="a `python -m pipelines drift` report (e.g. metrics/drift.json) to export as gauges on "
+                   "/metrics; re-read when it changes")
     x.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     return p
@@ -155,7 +162,7 @@ def cmd_proxy(args) -> int:
         upstream_concurrency=args.upstream_concurrency, max_body=args.max_body_bytes,
         decision_log=None if args.no_decision_log else args.decision_log, log_text=args.log_text,
         log_max_bytes=args.log_max_bytes, log_keep=args.log_keep, log_fsync=args.log_fsync,
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds, explore=args.explore, drift_report=args.drift_report)
     router = _load(args.bundle, args.encoder)
     serve_proxy(router, config, args.host, args.port)
     return 0

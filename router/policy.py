@@ -91,3 +91,47 @@ def solve_lambda(P, C, *, target_cost: float | None = None, target_accuracy: flo
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if good(mid) else (lo, mid)
     return lo
+
+
+# ---------------------------------------------------------------- exploration
+
+EXPLORE_RULE = "epsilon-greedy/other-uniform/sha256-request-id/v1"
+
+
+def explore_uniform(key: str) -> float:
+    """A uniform number in [0, 1) fixed by ``key`` (the request id): the same request id always
+    explores the same way, so a logged decision can be replayed."""
+    import hashlib
+
+    return int(hashlib.sha256(b"explore:" + key.encode("utf-8")).hexdigest()[:13], 16) / 16.0 ** 13
+
+
+def explore_probabilities(greedy: int, allowed: Sequence[bool], epsilon: float) -> list[float]:
+    """The logging policy's probability of every tier: the greedy tier ``1 - epsilon``, each
+    other allowed tier ``epsilon / (|allowed| - 1)``, a tier the caps exclude 0. With no other
+    allowed tier (or ``epsilon`` 0) the greedy tier has probability 1."""
+    others = [i for i, ok in enumerate(allowed) if ok and i != greedy]
+    probs = [0.0] * len(allowed)
+    if epsilon <= 0 or not others:
+        probs[greedy] = 1.0
+        return probs
+    probs[greedy] = 1.0 - epsilon
+    for i in others:
+        probs[i] = epsilon / len(others)
+    return probs
+
+
+def explore_choice(greedy: int, allowed: Sequence[bool], epsilon: float, u: float) -> tuple[int, float, bool]:
+    """Epsilon-greedy on top of :func:`choose`: with probability ``epsilon`` (``u < epsilon``) the
+    request goes to one of the *other* allowed tiers, drawn uniformly (``u / epsilon`` picks it), else
+    to the greedy tier. Returns (tier index, its propensity under this rule, explored?); the
+    propensities are :func:`explore_probabilities`."""
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"explore must be in [0, 1), got {epsilon}")
+    others = [i for i, ok in enumerate(allowed) if ok and i != greedy]
+    if epsilon <= 0 or not others:
+        return greedy, 1.0, False
+    if u < epsilon:
+        j = min(int(u / epsilon * len(others)), len(others) - 1)
+        return others[j], epsilon / len(others), True
+    return greedy, 1.0 - epsilon, False

@@ -79,6 +79,10 @@ class ProxyConfig:
     log_fsync: str = "record"  # record | none (router.decision_log)
     drain_seconds: float = 30.0  # on shutdown, how long in-flight requests may take to finish
     speed_alpha: float = 0.2  # weight of a new observation in each upstream's speed average (EWMA)
+    # epsilon-greedy exploration rate (router.policy.explore_choice), seeded by the request id;
+    # None: the bundle's policy.explore (0 unless exported with one)
+    explore: float | None = None
+    drift_report: str | None = None  # a `pipelines drift` report whose figures /metrics exports as gauges
 
 
 class RequestError(ClientError):
@@ -239,6 +243,9 @@ class Proxy:
                                           retries=config.retries, template=router.execution(m).template)
                         for m in self.models}
         self.fallback_index = names.index(config.fallback_tier) if config.fallback_tier else None
+        self.explore = router.explore if config.explore is None else float(config.explore)
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         self.log = None
         if config.decision_log:
             from router.decision_log import DecisionLog
@@ -270,15 +277,22 @@ class Proxy:
         p.declare("router_proxy_upstream_tokens_per_second", "gauge",
                   "Each upstream's speed as the latency estimates use it (bundle measurement, then observed EWMA).",
                   ("upstream",), collect=lambda: {(m,): v for m, v in self.router.tokens_per_second.items()})
+        from router.monitoring import DriftGauges
+
+        DriftGauges(self.config.drift_report).declare(p)
+        p.declare("router_proxy_explore_rate", "gauge", "The exploration rate decisions are drawn with "
+                  "(decisions it diverted: router_proxy_decisions_total{reason=\"explore\"}).", (),
+                  collect=lambda: {(): self.explore})
         return p
 
     # -------------------------------------------------------------- routing and execution
 
-    def route(self, req: Request):
-        """The decision, never raising on text (``Router.route_detailed``); falls back like the
-        decision server if routing itself fails."""
+    def route(self, req: Request, rid: str):
+        """The decision, never raising on text (``Router.route_detailed``, exploring with the
+        request id as seed); falls back like the decision server if routing itself fails."""
         try:
-            return self.router.route_detailed([req.conversation.routing_text], req.lam, caps=req.caps)[0]
+            return self.router.route_detailed([req.conversation.routing_text], req.lam, caps=req.caps, keys=[rid],
+                                              explore=self.explore)[0]
         except Exception:
             log.exception("routing failed; answering with the fallback tier")
             from router.runtime import Routed
@@ -347,7 +361,9 @@ class Proxy:
             "features_sha256": self.features_digest(routed.features),
             "caps": req.caps.to_dict(), "lambda": routed.lam,
             "allowed": [{**u, "tier": tiers[u["tier"]].name} for u in routed.utilities()],
-            "chosen": d.tier, "reason": d.reason, "propensity": 1.0, "p_correct": d.p_correct,
+            "chosen": d.tier, "reason": d.reason, "propensity": routed.propensity, "explored": routed.explored,
+            "explore": routed.explore, "greedy": None if routed.greedy is None else tiers[routed.greedy].name,
+            "p_correct": d.p_correct,
             "expected_cost": d.expected_cost, "expected_latency_ms": None if lat_ms is None else round(lat_ms[i], 1),
             "executed": executed.tier,
             "tokens": None, "observed_cost": None, "latency_tokens": None, "usage": None,
@@ -517,7 +533,7 @@ class ProxyHandler(BodyHandler):
             self._error(400, str(e), path, "max_latency_ms")
             return
         rid = uuid.uuid4().hex
-        routed = proxy.route(req)
+        routed = proxy.route(req, rid)
         t_routed = time.perf_counter()
         proxy.metrics.observe("router_proxy_route_seconds", (), t_routed - t0)
         d = routed.decision
@@ -580,7 +596,7 @@ class _Exchange:
         d = self.routed.decision
         h = {"x-router-request-id": self.rid, "x-router-tier": executed.tier, "x-router-model": executed.model,
              "x-router-budget": str(executed.budget), "x-router-samples": str(executed.samples),
-             "x-router-reason": executed.reason, "x-router-propensity": "1.0"}
+             "x-router-reason": executed.reason, "x-router-propensity": f"{self.routed.propensity:.6g}"}
         if executed.p_correct is not None:
             h["x-router-p-correct"] = f"{executed.p_correct:.6g}"
         if executed.expected_cost is not None:
@@ -595,7 +611,7 @@ class _Exchange:
         names = [t.name for t in self.proxy.router.tiers]
         return {"request_id": self.rid, "tier": executed.tier, "model": executed.model, "budget": executed.budget,
                 "samples": executed.samples, "p_correct": executed.p_correct, "expected_cost": executed.expected_cost,
-                "reason": executed.reason, "propensity": 1.0,
+                "reason": executed.reason, "propensity": self.routed.propensity, "explored": self.routed.explored,
                 "expected_latency_ms": None if lat is None else round(lat[names.index(executed.tier)], 1),
                 "fallback_from": d.tier if executed.tier != d.tier else None,
                 "answer": result["answer"], "votes": result["votes"], "tokens": result["tokens"],

@@ -21,7 +21,7 @@ from router.bundle import MANIFEST, BundleError, read_manifest, sha256_file
 from router.caps import CAP_NAMES, Caps
 from router.decision import Decision
 from router.execution import ModelExecution, execution_of, require
-from router.policy import choose
+from router.policy import choose, explore_choice, explore_uniform
 from router.tiers import Tier
 
 CAPS = CAP_NAMES  # the cap names, kept here for callers that imported them from the runtime
@@ -38,6 +38,10 @@ class Routed:
     c: Sequence[float] | None  # predicted cost per tier
     allowed: Sequence[bool]  # which tiers the caps admitted
     lam: float  # the price of cost the utility used
+    propensity: float = 1.0  # probability the logging policy gave the chosen tier (policy.explore)
+    explored: bool = False  # the chosen tier is an exploration draw, not the greedy tier
+    greedy: int | None = None  # index of the tier the greedy policy picked (None: a fallback)
+    explore: float = 0.0  # the exploration rate this decision was drawn with
 
     def utilities(self) -> list[dict[str, Any]]:
         """Every admitted tier with its predicted success, cost and utility ``p - lam * c``."""
@@ -66,6 +70,12 @@ class Router:
         self.latency = [float(x) for x in pol.get("tier_latency_tokens", [t.budget * 1.0 for t in self.tiers])]
         self.ood_ref = ood_ref
         self.ood_threshold = pol.get("ood_min_similarity")
+        # epsilon-greedy exploration rate (router.policy.explore_choice); applied only to requests routed
+        # with a key (``route_detailed(keys=...)``: the proxy's request ids), so library calls stay
+        # deterministic
+        self.explore = float(pol.get("explore", 0.0))
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"policy.explore must be in [0, 1), got {self.explore}")
         self._lock = threading.Lock()  # encoders are not all thread-safe
         # how each model's tiers are executed (the labels' settings); {} for an older bundle
         self.executions = execution_of(manifest, str(self.path / MANIFEST))
@@ -208,9 +218,19 @@ class Router:
         return [r.decision for r in self.route_detailed(texts, lam, caps=caps, **kw)]
 
     def route_detailed(self, texts: Sequence[Any], lam: float | None = None, *,
-                       caps: Caps | Mapping[str, Any] | None = None, **kw) -> list[Routed]:
-        """``route_batch`` with what each decision was made from (``Routed``)."""
+                       caps: Caps | Mapping[str, Any] | None = None, keys: Sequence[str] | None = None,
+                       explore: float | None = None, **kw) -> list[Routed]:
+        """``route_batch`` with what each decision was made from (``Routed``).
+
+        With ``keys`` (one request id per text), a decision the policy made by utility explores:
+        with probability ``explore`` (default the bundle's ``policy.explore``) it goes to another
+        admitted tier drawn uniformly, seeded by its key (``router.policy.explore_choice``), reason
+        ``explore``; ``Routed.propensity`` is the chosen tier's probability under that rule.
+        Fallbacks (empty, out-of-distribution, no tier within caps) never explore."""
         caps = Caps.coerce(caps, **kw)
+        epsilon = self.explore if explore is None else float(explore)
+        if keys is not None and len(keys) != len(texts):
+            raise ValueError(f"keys: {len(keys)} for {len(texts)} texts")
         lam = self.lam if lam is None else float(lam)
         clean = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in texts]
         # lone surrogates and NULs cannot be tokenized: replace them, they carry no meaning
@@ -236,7 +256,12 @@ class Router:
                     k, reason = self.fallback_index, "fallback:out-of-distribution"
                 if len(clean[i]) > self.featurizer.spec.max_chars and reason == "utility":
                     reason = "utility:truncated"
-                out[i] = Routed(self._decision(k, P[j], C[j], reason), X[j], P[j], C[j], allowed, lam)
+                greedy, prop, explored = (k if reason.startswith("utility") else None), 1.0, False
+                if greedy is not None and keys is not None and epsilon > 0:
+                    k, prop, explored = explore_choice(greedy, allowed, epsilon, explore_uniform(str(keys[i])))
+                    reason = "explore" if explored else reason
+                out[i] = Routed(self._decision(k, P[j], C[j], reason), X[j], P[j], C[j], allowed, lam,
+                                prop, explored, greedy, epsilon if greedy is not None and keys is not None else 0.0)
         return out  # type: ignore[return-value]
 
     def _ood(self, X):

@@ -81,3 +81,48 @@ def start_proxy(router, config):
     srv = make_proxy_server(router, config, port=0)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv
+
+
+def get_text(srv, path: str = "/metrics") -> str:
+    """GET ``path`` from a server started by ``start_proxy``: the body as text."""
+    import http.client
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def post_json(srv, path: str, body: dict) -> tuple[int, dict, dict]:
+    """POST ``body`` to a server started by ``start_proxy``: (status, JSON answer, headers)."""
+    import http.client
+    import json
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), dict(resp.headers)
+    finally:
+        conn.close()
+
+
+def proxy_traffic(router, texts, log: Path, **config) -> list[tuple[int, dict, dict]]:
+    """Send each text as a chat request through a proxy fronting a scripted upstream
+    (``tests.fakes.FakeOpenAIServer``) that logs to ``log``; the answers, in order."""
+    from router.proxy import ProxyConfig
+    from tests.fakes import FakeOpenAIServer
+
+    with FakeOpenAIServer() as fake:
+        models = sorted({t.model for t in router.tiers})
+        srv = start_proxy(router, ProxyConfig(upstreams={m: fake.url for m in models}, decision_log=str(log), **config))
+        try:
+            return [post_json(srv, "/v1/chat/completions", {"model": "router", "messages": [{"role": "user",
+                                                                                            "content": t}]})
+                    for t in texts]
+        finally:
+            srv.drain(5)
