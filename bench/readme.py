@@ -120,8 +120,8 @@ def cpu_default() -> str:
             f"{ev['static_router_mean_cost']:.1f}; with adaptive tiers the same accuracy costs "
             f"{_f(ev['adaptive_router_cost_at_that_accuracy'], 1)}: "
             f"{_pct(ev['adaptive_compute_saved_vs_static'])} saved"
-            f"{_ci(ev.get('adaptive_compute_saved_vs_static_ci'), pct=True)}; latency "
-            f"{_pct(ev.get('adaptive_latency_saved_vs_static'))} saved"
+            f"{_ci(ev.get('adaptive_compute_saved_vs_static_ci'), pct=True)}; latency saved "
+            f"{_pct(ev.get('adaptive_latency_saved_vs_static'))} (negative: steps run one after another)"
             f"{_ci(ev.get('adaptive_latency_saved_vs_static_ci'), pct=True)}",
             "`adaptive_compute_saved_vs_static`, `adaptive_latency_saved_vs_static`")]
           if "adaptive_compute_saved_vs_static" in ev else []),
