@@ -203,10 +203,10 @@ def off_policy(params: Params, candidate: Path, champion: Path, price: float) ->
         target, outside = candidate_probabilities(bundle, data)
         acc = estimate(data["correct"], data["action"], data["propensity"], target, data["P"], **kw)
         cost = estimate(data["cost"], data["action"], data["propensity"], target, data["C"], **kw)
-        out[f"{who}_figures"] = {"accuracy": acc[e], "accuracy_ci": acc[f"{e}_ci"], "mean_cost": cost[e],
-                    "mean_cost_ci": cost[f"{e}_ci"], "effective_sample_size": acc["effective_sample_size"],
-                    "rows_outside_logged_support": outside,
-                    "utility": value("utility", {"router_accuracy": acc[e], "router_mean_cost": cost[e]}, price)}
+        out[f"{who}_figures"] = {
+            "accuracy": acc[e], "accuracy_ci": acc[f"{e}_ci"], "mean_cost": cost[e], "mean_cost_ci": cost[f"{e}_ci"],
+            "effective_sample_size": acc["effective_sample_size"], "rows_outside_logged_support": outside,
+            "utility": value("utility", {"router_accuracy": acc[e], "router_mean_cost": cost[e]}, price)}
     return {**out, "used": True}
 
 
@@ -215,8 +215,6 @@ def off_policy(params: Params, candidate: Path, champion: Path, price: float) ->
 
 def gate(params: Params, candidate_bundle: Path, version: str, cl) -> dict[str, Any]:
     """Decide where the new ``version`` goes, move the alias, tag it, write the report."""
-    from router.runtime import Router
-
     cfg = params.export
     name, metric, margin = cfg.registered_model, cfg.promote_metric, cfg.promote_margin
     champion = alias_version(cl, name, cfg.alias)
@@ -225,23 +223,13 @@ def gate(params: Params, candidate_bundle: Path, version: str, cl) -> dict[str, 
     if champion is None:
         report.update(decision=cfg.alias, reason=f"no {cfg.alias} yet: the first candidate becomes {cfg.alias}")
     else:
-        ev = artifacts.read_json(params.evaluate.metrics)
-        with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
-            champ_bundle = download_bundle(name, champion, Path(tmp))
-            price = cfg.promote_price if cfg.promote_price is not None else Router.load(champ_bundle).lam
-            report["price"] = price
-            ds, rows, texts = evaluated_queries(params, ev)
-            champ = realized(champ_bundle, ds, rows, texts)
-            held = compare(metric, value(metric, ev, price), value(metric, champ, price), margin)
-            held.update(queries=int(len(rows)), cv_folds=ev.get("cv_folds"),
-                        candidate_figures={**{k: ev.get(k) for k in FIGURES}, "source": params.evaluate.metrics},
-                        champion_figures=champ)
-            report["checks"]["held_out"] = held
-            ope = off_policy(params, candidate_bundle, champ_bundle, price)
-            if ope["used"]:
-                ope.update(compare("utility", ope["candidate_figures"]["utility"], ope["champion_figures"]["utility"],
-                                   cfg.promote_ope_margin))
-            report["checks"]["off_policy"] = ope
+        try:
+            _checks(params, candidate_bundle, champion, report)
+        except Exception as e:  # a champion that cannot be fetched or scored: refuse, and say why
+            log.exception("promotion: the comparison with the champion failed")
+            report["checks"]["comparison"] = {"used": True, "passed": False, "metric": metric, "margin": margin,
+                                              "candidate": None, "champion": None,
+                                              "error": f"{type(e).__name__}: {e}"[:2000]}
         failed = [k for k, c in report["checks"].items() if c.get("used", True) and not c["passed"]]
         report["decision"] = cfg.alias if not failed else cfg.challenger_alias
         report["reason"] = _reason(report, failed)
@@ -262,6 +250,31 @@ def gate(params: Params, candidate_bundle: Path, version: str, cl) -> dict[str, 
     return report
 
 
+def _checks(params: Params, candidate_bundle: Path, champion: str, report: dict[str, Any]) -> None:
+    """The held-out and off-policy comparisons of the candidate with version ``champion``."""
+    from router.runtime import Router
+
+    cfg = params.export
+    metric = cfg.promote_metric
+    ev = artifacts.read_json(params.evaluate.metrics)
+    with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+        champ_bundle = download_bundle(cfg.registered_model, champion, Path(tmp))
+        price = cfg.promote_price if cfg.promote_price is not None else Router.load(champ_bundle).lam
+        report["price"] = price
+        ds, rows, texts = evaluated_queries(params, ev)
+        champ = realized(champ_bundle, ds, rows, texts)
+        held = compare(metric, value(metric, ev, price), value(metric, champ, price), cfg.promote_margin)
+        held.update(queries=int(len(rows)), cv_folds=ev.get("cv_folds"),
+                    candidate_figures={**{k: ev.get(k) for k in FIGURES}, "source": params.evaluate.metrics},
+                    champion_figures=champ)
+        report["checks"]["held_out"] = held
+        ope = off_policy(params, candidate_bundle, champ_bundle, price)
+        if ope["used"]:
+            ope.update(compare("utility", ope["candidate_figures"]["utility"], ope["champion_figures"]["utility"],
+                               cfg.promote_ope_margin))
+        report["checks"]["off_policy"] = ope
+
+
 def _reason(report: dict[str, Any], failed: list[str]) -> str:
     parts = []
     for k, c in report["checks"].items():
@@ -270,7 +283,7 @@ def _reason(report: dict[str, Any], failed: list[str]) -> str:
             continue
         fig = "n/a" if c["candidate"] is None else f"{c['candidate']:.4f}"
         champ = "n/a" if c["champion"] is None else f"{c['champion']:.4f}"
-        why = c.get("champion_figures", {}).get("error")
+        why = c.get("error") or c.get("champion_figures", {}).get("error")
         parts.append(f"{k}: {c['metric']} candidate {fig} vs champion {champ} (margin {c['margin']:g}) "
                      f"{'passed' if c['passed'] else 'FAILED'}" + (f": {why}" if why else ""))
     head = "promoted: beats the champion" if not failed else f"refused ({', '.join(failed)})"
