@@ -2,7 +2,7 @@
 
 Stage runs are nested under one MLflow pipeline run. ``python -m pipelines STAGE`` runs one.
 ``python -m pipelines TOOL ...`` runs a feedback-loop command with its own arguments
-(``feedback``, ``ope``, ``drift``: see ``python -m pipelines TOOL --help``).
+(``feedback``, ``ope``, ``drift``, ``recalibrate``, ``promote``: see ``python -m pipelines TOOL --help``).
 """
 
 from __future__ import annotations

@@ -385,3 +385,21 @@ def read_feedback(path: str | Path):
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no feedback table; run `python -m pipelines feedback` first")
     return pd.read_parquet(path)
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to an append-only log (an audit trail): one ``write`` of the whole line
+    on a file opened for appending, fsynced, so a crash leaves at most a torn last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, default=str, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -286,6 +286,10 @@ class EvaluateConfig:
             raise ValueError(f"baselines: unknown {sorted(bad)}; choose from {list(BASELINES)}")
 
 
+# the promotion gate's metrics, each with whether higher is better
+PROMOTE_METRICS = {"apgr": True, "aiq": True, "utility": True, "router_accuracy": True, "router_mean_cost": False}
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     out_dir: str = "models/router"
@@ -293,6 +297,33 @@ class ExportConfig:
     registered_model: str = "difficulty-router"
     alias: str = "champion"
     register: bool = True
+    # the promotion gate (pipelines.promotion): ``alias`` moves to the new version only if it beats the
+    # current champion by ``promote_margin`` on held-out queries and, with production feedback, off-policy
+    # held out: apgr (the whole lambda sweep: no price or operating point to game) | aiq | utility
+    # (accuracy - price * cost at each bundle's operating point) | router_accuracy | router_mean_cost
+    promote_metric: str = "apgr"
+    promote_margin: float = 0.0  # in the metric's units; 0: not worse (ties promote)
+    # off-policy: utility at each bundle's operating point must be >= the champion's + this margin
+    promote_ope_margin: float = 0.0
+    # the utility's price of cost, the same for both bundles; None: the champion's lambda (what production
+    # pays now; a candidate's own lambda would let a candidate choose the price it is judged at)
+    promote_price: float | None = None
+    # production feedback for off-policy evaluation; None: <feedback.out_dir>/feedback.parquet if it exists
+    promote_feedback: str | None = None
+    promote_estimator: str = "dr"  # ips | snips | dr (pipelines.ope)
+    # fewer usable logged requests than this: the OPE figures are reported but do not gate (too noisy)
+    promote_min_feedback: int = 50
+    challenger_alias: str = "challenger"  # what a refused candidate gets
+    promotion_report: str = "metrics/promotion.json"
+    promotion_audit: str = "logs/promotions.jsonl"  # append-only: every alias move, gate or override
+
+    def __post_init__(self):
+        if self.promote_metric not in PROMOTE_METRICS:
+            raise ValueError(f"promote_metric: unknown {self.promote_metric!r}; choose from {list(PROMOTE_METRICS)}")
+        if self.promote_estimator not in ("ips", "snips", "dr"):
+            raise ValueError(f"promote_estimator: unknown {self.promote_estimator!r}; choose from ['ips', 'snips', 'dr']")
+        if self.challenger_alias == self.alias:
+            raise ValueError(f"challenger_alias must differ from alias ({self.alias!r})")
 
 
 @dataclass(frozen=True)
@@ -320,6 +351,25 @@ class OpeConfig:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
         if self.bootstrap < 1:
             raise ValueError(f"bootstrap must be >= 1, got {self.bootstrap}")
+
+
+@dataclass(frozen=True)
+class RecalibrateConfig:
+    """``python -m pipelines recalibrate``: per-tier Platt maps on production outcomes, a new bundle."""
+
+    bundle: str = "models/router"
+    feedback: str | None = None  # None: <feedback.out_dir>/feedback.parquet
+    out_dir: str = "models/recalibrated"
+    # outcomes a tier needs before it gets its own map (2 parameters); fewer: that tier is left as it was
+    min_rows: int = 30
+    folds: int = 5  # cross-fitting over the feedback rows for the before/after Brier and ECE
+    bins: int = 10  # ECE bins
+    seed: int = 0
+    report: str = "metrics/recalibrate.json"
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
 
 
 @dataclass(frozen=True)
@@ -364,6 +414,7 @@ class Params:
     export: ExportConfig = ExportConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     ope: OpeConfig = OpeConfig()
+    recalibrate: RecalibrateConfig = RecalibrateConfig()
     drift: DriftConfig = DriftConfig()
 
     def model(self, name: str) -> ModelConfig:
@@ -400,7 +451,7 @@ SECTIONS = {
     "mlflow": MlflowConfig, "data": DataConfig, "prepare": PrepareConfig, "rollout": RolloutConfig,
     "label": LabelConfig, "featurize": FeaturizeConfig, "train": TrainConfig, "policy": PolicyConfig,
     "evaluate": EvaluateConfig, "export": ExportConfig, "feedback": FeedbackConfig, "ope": OpeConfig,
-    "drift": DriftConfig,
+    "drift": DriftConfig, "recalibrate": RecalibrateConfig,
 }
 TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
 # sections older params files may carry that no stage reads any more: refused with this advice

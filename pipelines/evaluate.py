@@ -26,6 +26,7 @@ import numpy as np
 
 from pipelines import artifacts, learn
 from pipelines.config import Params
+from pipelines.routing_metrics import calibration
 from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
@@ -36,22 +37,6 @@ HEADLINE = ("router_accuracy", "router_mean_cost", "compute_saved_at_iso_accurac
             "apgr", "cpt50", "cpt80", "aiq", "best_fixed_accuracy", "best_fixed_mean_cost", "oracle_accuracy",
             "oracle_mean_cost")
 BASELINE_KEYS = ("apgr", "compute_saved_at_iso_accuracy", "aiq", "cpt50", "cpt80")
-
-
-def calibration(P: np.ndarray, Y: np.ndarray, bins: int) -> tuple[float, float, list[dict]]:
-    """ECE (equal-width bins, weighted by count) and Brier over all (query, tier) pairs."""
-    p, y = P.reshape(-1), Y.reshape(-1)
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    rows, ece = [], 0.0
-    for b in range(bins):
-        m = idx == b
-        if not m.any():
-            continue
-        conf, acc = float(p[m].mean()), float(y[m].mean())
-        ece += m.mean() * abs(conf - acc)
-        rows.append({"bin": b, "predicted": round(conf, 4), "observed": round(acc, 4), "count": int(m.sum())})
-    return float(ece), float(((p - y) ** 2).mean()), rows
 
 
 # ---------------------------------------------------------------- predictions out of sample

@@ -3,7 +3,8 @@
 ``models/router/`` holds ``manifest.json`` (schema version, tiers, featurizer spec, policy
 and lambda, training metadata, headline metrics, library versions, sha256 of every file) and
 the model files in data formats only. The same bundle is logged to MLflow as a pyfunc model,
-registered as ``difficulty-router`` with the alias ``champion``.
+registered as a new version of ``difficulty-router``; the promotion gate (``pipelines.promotion``)
+moves the alias ``champion`` to it only if it beats the current champion, else it gets ``challenger``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import artifacts
-from pipelines.config import ExportConfig, Params
+from pipelines.config import Params
 from pipelines.tracking import NULL_RUN, run_stage
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,11 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
               "lambda": policy["lambda"], "registered": None}
     run.log_metrics({"bundle_bytes": size})
     if cfg.register and run.run_id is not None:  # registering needs the stage's MLflow run
-        result["registered"] = register(out, cfg)
-        run.set_tags({"registered_version": result["registered"]})
+        result["registered"], promotion = register(out, params)
+        result["promotion"] = promotion["decision"]
+        run.set_tags({"registered_version": result["registered"], "promotion": promotion["decision"],
+                      "promotion_reason": promotion["reason"][:5000]})
+        run.log_artifact(cfg.promotion_report)
     return result
 
 
@@ -180,10 +184,15 @@ def _latency(outcomes_path: str, names: list[str]) -> list[float]:
     return [float(m.get(n, 0.0)) for n in names]
 
 
-def register(bundle: Path, cfg: ExportConfig) -> str:
-    """Log the bundle as an MLflow pyfunc model, register it and point the alias at it."""
+def register(bundle: Path, params: Params) -> tuple[str, dict[str, Any]]:
+    """Log the bundle as an MLflow pyfunc model and register it as a candidate version; the
+    promotion gate (``pipelines.promotion``) decides whether the alias ``champion`` moves to it
+    (else it gets ``challenger``). Returns (version, the gate's report)."""
     import mlflow
-    from mlflow import MlflowClient
+
+    from pipelines.promotion import client, gate
+
+    cfg = params.export
 
     code = Path(__file__).resolve().parents[1] / "router" / "mlflow_model.py"
     info = mlflow.pyfunc.log_model(
@@ -193,10 +202,8 @@ def register(bundle: Path, cfg: ExportConfig) -> str:
         registered_model_name=cfg.registered_model,
         pip_requirements=["difficulty-router"],
     )
-    client = MlflowClient()
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(cfg.registered_model, cfg.alias, version)
-    return version
+    return version, gate(params, bundle, version, client(params))
 
 
 def main(argv=None) -> dict:

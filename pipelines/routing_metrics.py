@@ -145,3 +145,19 @@ def headline(acc: np.ndarray, cost: np.ndarray, Y: np.ndarray, Cost: np.ndarray,
     oa, oc = oracle(Y, Cost, rows)
     out["oracle_accuracy"], out["oracle_mean_cost"] = oa, oc
     return out
+
+
+def calibration(P: np.ndarray, Y: np.ndarray, bins: int) -> tuple[float, float, list[dict]]:
+    """ECE (equal-width bins, weighted by count) and Brier over all (query, tier) pairs."""
+    p, y = P.reshape(-1), Y.reshape(-1)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        m = idx == b
+        if not m.any():
+            continue
+        conf, acc = float(p[m].mean()), float(y[m].mean())
+        ece += m.mean() * abs(conf - acc)
+        rows.append({"bin": b, "predicted": round(conf, 4), "observed": round(acc, 4), "count": int(m.sum())})
+    return float(ece), float(((p - y) ** 2).mean()), rows

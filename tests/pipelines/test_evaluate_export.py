@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import parse_params
-from tests.pipelines.test_train import outcome_table, params_for, raw_params, run_to_train
+from tests.pipelines.test_train import outcome_table, params_for, promotion_paths, raw_params, run_to_train
 
 CONTRACT_KEYS = (
     "router_accuracy", "router_mean_cost", "best_fixed_tier", "best_fixed_accuracy", "best_fixed_mean_cost",
@@ -29,7 +29,7 @@ def pipeline(tmp_path_factory):
     outcome_table(tmp / "table.csv", n=160)
     raw = raw_params(tmp, tmp / "table.csv",
                      evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 100},
-                     export={"out_dir": str(tmp / "router"), "onnx_encoder": False})
+                     export={"out_dir": str(tmp / "router"), "onnx_encoder": False, **promotion_paths(tmp)})
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
     p = params_for(tmp, tmp / "table.csv", **{k: raw[k] for k in ("evaluate", "export")})
     run_to_train(p)
@@ -134,7 +134,7 @@ def default_pipeline(tmp_path_factory):
     raw = raw_params(tmp, tmp / "table.csv",
                      evaluate={"metrics": str(tmp / "evaluate.json"), "plots_dir": str(tmp / "plots"), "bootstrap": 50,
                                "cv_folds": 0},
-                     export={"out_dir": str(tmp / "router")})
+                     export={"out_dir": str(tmp / "router"), **promotion_paths(tmp)})
     raw["featurize"] = {"out": str(tmp / "features.parquet"), "embedding": "all-MiniLM-L6-v2"}  # its default encoder
     raw["train"].pop("candidates")  # the default candidates, knn included
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw))

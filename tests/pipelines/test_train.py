@@ -45,6 +45,12 @@ def raw_params(tmp, table, **extra) -> dict:
     }
 
 
+def promotion_paths(tmp) -> dict:
+    """The export section's promotion-gate files, inside ``tmp`` (their defaults are in the work tree)."""
+    return {"promotion_report": str(tmp / "promotion.json"), "promotion_audit": str(tmp / "promotions.jsonl"),
+            "promote_feedback": str(tmp / "feedback.parquet")}
+
+
 def params_for(tmp, table, **extra):
     return parse_params(raw_params(tmp, table, **extra))
 

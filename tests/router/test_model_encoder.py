@@ -59,13 +59,13 @@ def test_a_bundle_trained_on_model_state_routes_with_the_same_features(tmp_path)
     from pipelines import evaluate, export
     from pipelines.artifacts import load_dataset, read_features
     from router import Router
-    from tests.pipelines.test_train import outcome_table, raw_params, run_to_train
+    from tests.pipelines.test_train import outcome_table, promotion_paths, raw_params, run_to_train
 
     outcome_table(tmp_path / "table.csv", n=40)
     raw = raw_params(tmp_path, tmp_path / "table.csv",
                      evaluate={"metrics": str(tmp_path / "evaluate.json"), "plots_dir": str(tmp_path / "plots"),
                                "bootstrap": 20, "cv_folds": 0},
-                     export={"out_dir": str(tmp_path / "router"), "onnx_encoder": False})
+                     export={"out_dir": str(tmp_path / "router"), "onnx_encoder": False, **promotion_paths(tmp_path)})
     raw["models"] = {"smollm2": {**SMOLLM2, "options": {"n_threads": 1}}}
     raw["featurize"] = {"out": str(tmp_path / "features.parquet"), "embedding": "model:smollm2"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
