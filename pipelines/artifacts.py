@@ -265,6 +265,17 @@ def read_outcomes(path: str | Path, splits: Iterable[str] | None = None, columns
     return df if splits is None else df[df["split"].isin(tuple(splits))]
 
 
+def labelled_data_digest(path: str | Path) -> str:
+    """sha256 of the labelled (query, split, tier) rows of an outcomes file: two bundles with the same
+    digest were fitted and evaluated on the same queries (the promotion gate compares their own
+    out-of-sample figures then, never one bundle's in-sample ones)."""
+    import hashlib
+
+    df = read_outcomes(path, columns=["query_id", "split", "tier"])
+    rows = sorted(f"{q}\t{s}\t{t}" for q, s, t in zip(df["query_id"], df["split"], df["tier"]))
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+
+
 def write_tiers(tiers: list[dict], path: str | Path) -> None:
     write_json(path, tiers)
 

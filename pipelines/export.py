@@ -125,7 +125,9 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
                      "train_queries": tr_metrics.get("train_queries"), "cv_brier": tr_metrics.get("cv_brier"),
                      "cv_apgr": tr_metrics.get("cv_apgr"), "evaluation": tr_metrics.get("evaluation"),
                      # what the fitting procedure chose in each evaluation fold
-                     "folds": ev.get("folds"), "seed": params.seed},
+                     "folds": ev.get("folds"), "seed": params.seed,
+                     # which labelled queries "metrics" were measured on (the promotion gate's key)
+                     "data_digest": artifacts.labelled_data_digest(params.label.out)},
         "metrics": headline,
         "versions": versions(),
     }

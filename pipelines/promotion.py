@@ -8,9 +8,11 @@ alias ``export.alias`` (``champion``) moves to it only if it beats the current c
   figure from ``metrics/evaluate.json`` against the champion's bundle (downloaded from the registry)
   routed on the *same* evaluated queries (every query when evaluation cross-fitted, the test split
   in holdout mode), scored by the same code (``pipelines.routing_metrics``: a lambda sweep realized
-  with the labels' accuracy and cost, plus its own operating point). The champion may have been
-  trained on some of those queries (a cross-fitted bundle is fitted on all of them), so this
-  comparison leans toward keeping the champion: a conservative gate.
+  with the labels' accuracy and cost, plus its own operating point). When the champion was fitted
+  on the same labelled queries (``training.data_digest`` in its manifest), its own out-of-sample
+  figures (manifest ``metrics``) are used instead: routing it there would score it in sample. On
+  other data the champion may have been trained on some of the queries, so the comparison leans
+  toward keeping it: a conservative gate.
 - **off-policy** (when production feedback exists, ``pipelines.ope``): both bundles routed on the
   logged text at their operating points, their accuracy and cost estimated from the logged outcomes
   (``export.promote_estimator``, DR by default); the candidate's utility (accuracy - price * cost)
@@ -172,6 +174,22 @@ def realized(bundle: Path, ds, rows: np.ndarray, texts: list[str]) -> dict[str, 
             "tier_mix": {n: float(m) for n, m in zip(names, mix) if m > 0}}
 
 
+def own_figures(manifest: dict[str, Any], params: Params) -> dict[str, Any] | None:
+    """The champion's own out-of-sample figures (its manifest's ``metrics``) when it was fitted and
+    evaluated on the same labelled queries as the candidate (``training.data_digest``), else None.
+
+    A cross-fitted bundle is fitted on every labelled query, so routing it on those queries would
+    score it in sample against the candidate's out-of-sample figure; on the same data the fair
+    comparison is the two out-of-sample evaluations."""
+    digest = (manifest.get("training") or {}).get("data_digest")
+    metrics = manifest.get("metrics") or {}
+    if not digest or digest != artifacts.labelled_data_digest(params.label.out) or metrics.get("apgr") is None:
+        return None
+    return {"queries": metrics.get("evaluated_queries"), "lambda": (manifest.get("policy") or {}).get("lambda"),
+            **{k: metrics.get(k) for k in FIGURES},
+            "source": "its own out-of-sample evaluation on the same labelled queries (manifest metrics)"}
+
+
 # ---------------------------------------------------------------- production feedback
 
 
@@ -261,8 +279,12 @@ def _checks(params: Params, candidate_bundle: Path, champion: str, report: dict[
         champ_bundle = download_bundle(cfg.registered_model, champion, Path(tmp))
         price = cfg.promote_price if cfg.promote_price is not None else Router.load(champ_bundle).lam
         report["price"] = price
-        ds, rows, texts = evaluated_queries(params, ev)
-        champ = realized(champ_bundle, ds, rows, texts)
+        champ = own_figures(Router.load(champ_bundle).manifest, params)
+        if champ is None:
+            ds, rows, texts = evaluated_queries(params, ev)
+            champ = realized(champ_bundle, ds, rows, texts)
+        else:
+            rows = np.arange(int(ev.get("evaluated_queries") or 0))
         held = compare(metric, value(metric, ev, price), value(metric, champ, price), cfg.promote_margin)
         held.update(queries=int(len(rows)), cv_folds=ev.get("cv_folds"),
                     candidate_figures={**{k: ev.get(k) for k in FIGURES}, "source": params.evaluate.metrics},

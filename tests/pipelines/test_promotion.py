@@ -66,6 +66,8 @@ def test_first_champion_then_a_worse_candidate_is_refused_and_the_override_is_lo
     held = rep2["checks"]["held_out"]
     assert held["passed"] is False and held["candidate"] < held["champion"]
     assert held["queries"] == 120 and held["champion_figures"]["apgr"] is not None
+    # same labelled queries: the champion's own out-of-sample figures, not its in-sample routing
+    assert "own out-of-sample" in held["champion_figures"]["source"]
     assert rep2["checks"]["off_policy"] == {"feedback": str(tmp / "feedback.parquet"), "used": False,
                                             "why": "no production feedback"}
     assert rep2["reason"].startswith("refused (held_out)") and "apgr candidate" in rep2["reason"]
