@@ -114,6 +114,9 @@ def test_the_command_on_a_proxy_log(tmp_path_factory, tmp_path):
     for m in ("accuracy", "cost"):
         for e in ("ips", "snips", "dr"):
             assert pol["candidate"][m][e] == pytest.approx(pol["greedy"][m][e])
-    # lambda 0 buys the most accurate tiers: its predicted (DM part of DR) cost is higher than greedy's
-    assert pol["lambda=0"]["cost"]["dr"] > pol["greedy"]["cost"]["dr"]
-    assert all(0 <= pol[p]["accuracy"]["dr_ci"][0] <= pol[p]["accuracy"]["dr_ci"][1] for p in pol)
+    # (no ordering of lambda=0's and greedy's DR cost is asserted: the fake upstream's token counts
+    # are unrelated to the tiers, and the exploration draws change with the request ids every run)
+    # IPS of rewards in [0, 1] with positive weights cannot go below 0; DR can (its correction term
+    # is signed), so only its interval's order is a property (the exploration draws vary per run)
+    assert all(0 <= pol[p]["accuracy"]["ips_ci"][0] <= pol[p]["accuracy"]["ips_ci"][1] for p in pol)
+    assert all(pol[p]["accuracy"]["dr_ci"][0] <= pol[p]["accuracy"]["dr_ci"][1] for p in pol)
