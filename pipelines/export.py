@@ -148,6 +148,11 @@ def export(params: Params, run=NULL_RUN) -> dict[str, Any]:
         run.set_tags({"registered_version": result["registered"], "promotion": promotion["decision"],
                       "promotion_reason": promotion["reason"][:5000]})
         run.log_artifact(cfg.promotion_report)
+    else:  # the report always exists (dvc.yaml declares it): say why nothing was promoted
+        why = "export.register is false" if not cfg.register else "MLflow tracking is off (no stage run)"
+        artifacts.write_json(cfg.promotion_report, {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": cfg.registered_model,
+            "version": None, "decision": None, "reason": f"not registered: {why}", "checks": {}})
     return result
 
 
