@@ -20,7 +20,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 from pipelines.backends import load_backend  # noqa: E402
-from pipelines.backends.base import OnePassRequest, RolloutError, SamplingConfig, budgets_to_force  # noqa: E402
+from pipelines.backends.base import Backend, OnePassRequest, RolloutError, SamplingConfig, budgets_to_force  # noqa: E402
 from pipelines.config import ModelConfig, parse_params  # noqa: E402
 from router.prompts import render_prompt  # noqa: E402
 
@@ -242,6 +242,10 @@ def test_rollout_stage_with_backend_vllm_resumes_after_a_crash(smol, tmp_path):
                 raise KeyboardInterrupt("simulated crash")
             calls.append([r.key for r in reqs])
             return smol.one_pass(reqs, sampling)
+
+        # the stage streams through Backend's rule: vLLM does not force in place, so one_pass on chunks
+        forces_in_place = False
+        one_pass_stream = Backend.one_pass_stream
 
         def close(self):
             pass  # the module fixture closes the engine
