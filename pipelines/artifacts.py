@@ -294,14 +294,19 @@ def write_features(df, spec, path: str | Path) -> None:
     write_parquet(df, path, {FEATURIZER_KEY: spec.to_dict()})
 
 
+def read_features_spec(path: str | Path):
+    """The featurizer spec a features table was made with (None if unrecorded), from its metadata only."""
+    from router.featurizer import FeaturizerSpec
+
+    raw = parquet_metadata(path, FEATURIZER_KEY)
+    return FeaturizerSpec.from_dict(raw) if raw else None
+
+
 def read_features(path: str | Path):
     """The features table and the featurizer spec it was made with (None if unrecorded)."""
     import pandas as pd
 
-    from router.featurizer import FeaturizerSpec
-
-    raw = parquet_metadata(path, FEATURIZER_KEY)
-    return pd.read_parquet(path), FeaturizerSpec.from_dict(raw) if raw else None
+    return pd.read_parquet(path), read_features_spec(path)
 
 
 # ---------------------------------------------------------------- the training table

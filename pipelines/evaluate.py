@@ -246,7 +246,8 @@ def bootstrap(curves: dict[str, np.ndarray], op: np.ndarray, Y, Cost, n: int, se
 def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     import pandas as pd
 
-    from pipelines.routing_metrics import curve, fixed_tiers, headline, lambda_grid, oracle, realized, upper_hull
+    from pipelines.routing_metrics import (curve, fixed_tiers, headline, lambda_grid, oracle, realized, sweep,
+                                           upper_hull)
 
     ecfg = params.evaluate
     summary = artifacts.outcome_summary(params.label.out)
@@ -355,13 +356,14 @@ def evaluate(params: Params, run=NULL_RUN) -> dict[str, Any]:
     static_curve = None
     if avs is not None:  # the same router restricted to static tiers, beside the full one
         st = np.nonzero(~adaptive)[0]
-        sa, sc = realized(st[curve(P[:, st], Cp[:, st], Y[:, st], Cost[:, st], lams)[0]], Y, Cost)
+        static_choice = st[sweep(P[:, st], Cp[:, st], None, None, lams)]  # its choices, as tier indexes
+        sa, sc = realized(static_choice, Y, Cost)
         static_curve = (sa, sc)
         pd.DataFrame({"cost": sc, "accuracy": sa, "lambda": lams}).sort_values("cost").to_csv(
             plots / "static_router_curve.csv", index=False)
         if lat is not None:
             la = realized(choice, Y, lat)[1]
-            ls = realized(st[curve(P[:, st], Cp[:, st], Y[:, st], Cost[:, st], lams)[0]], Y, lat)[1]
+            ls = realized(static_choice, Y, lat)[1]
             pd.concat([pd.DataFrame({"router": "with adaptive tiers", "latency_tokens": la, "accuracy": acc}),
                        pd.DataFrame({"router": "static tiers only", "latency_tokens": ls, "accuracy": sa})]).to_csv(
                 plots / "latency_curves.csv", index=False)

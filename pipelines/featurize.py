@@ -42,10 +42,12 @@ def featurize(params: Params, run=NULL_RUN, *, featurizer=None) -> dict[str, Any
     import numpy as np
     import pandas as pd
 
+    from router.featurizer import is_model_embedding
+
     cfg = params.featurize
     spec = params.feature_spec()
     fz = featurizer
-    if spec.embedding.startswith("model:"):  # the width is the model's: load it to know
+    if is_model_embedding(spec.embedding):  # the width is the model's: load it to know
         fz = fz or make_featurizer(cfg, spec)
         spec = dataclasses.replace(spec, dim=fz.encoder.dim)
         fz.spec = spec

@@ -208,11 +208,11 @@ def sample_records(df, tiers: list[Tier]):
             continue
         g = g.assign(sample=g.groupby("query_id").cumcount())
         g = g[g["sample"] < n]
+        tokens = g["cost"] / (t.cost_per_token or 1.0)  # a table sample is all reasoning: nothing forced
         frames.append(pd.DataFrame({
             "query_id": g["query_id"], "model": t.model, "sample": g["sample"], "budget": 0,
             "vote_key": g["answer"].map(lambda a: vote_key(a) if isinstance(a, str) else None), "correct": g["correct"] >= 0.5,
-            "tokens": g["cost"] / (t.cost_per_token or 1.0), "reasoning_tokens": g["cost"] / (t.cost_per_token or 1.0),
-            "forced": False}))
+            "tokens": tokens, "reasoning_tokens": tokens, "forced": False}))
         sizes = sorted({m for m in (2, 4, 8, 16, 32, 64) if m < n} | {n})
         derived += [Tier(f"{t.name}-k{m}", t.model, 0, m, t.cost_per_token) for m in sizes]
         derived.append(Tier(f"{t.name}-a2k{n}", t.model, 0, n, t.cost_per_token, kind="vote_until", agree=2))

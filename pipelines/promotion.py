@@ -174,7 +174,7 @@ def realized(bundle: Path, ds, rows: np.ndarray, texts: list[str]) -> dict[str, 
             "tier_mix": {n: float(m) for n, m in zip(names, mix) if m > 0}}
 
 
-def own_figures(manifest: dict[str, Any], params: Params) -> dict[str, Any] | None:
+def own_figures(manifest: dict[str, Any], candidate_digest: str | None) -> dict[str, Any] | None:
     """The champion's own out-of-sample figures (its manifest's ``metrics``) when it was fitted and
     evaluated on the same labelled queries as the candidate (``training.data_digest``), else None.
 
@@ -183,7 +183,7 @@ def own_figures(manifest: dict[str, Any], params: Params) -> dict[str, Any] | No
     comparison is the two out-of-sample evaluations."""
     digest = (manifest.get("training") or {}).get("data_digest")
     metrics = manifest.get("metrics") or {}
-    if not digest or digest != artifacts.labelled_data_digest(params.label.out) or metrics.get("apgr") is None:
+    if not digest or digest != candidate_digest or metrics.get("apgr") is None:
         return None
     return {"queries": metrics.get("evaluated_queries"), "lambda": (manifest.get("policy") or {}).get("lambda"),
             **{k: metrics.get(k) for k in FIGURES},
@@ -277,16 +277,21 @@ def _checks(params: Params, candidate_bundle: Path, champion: str, report: dict[
     ev = artifacts.read_json(params.evaluate.metrics)
     with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
         champ_bundle = download_bundle(cfg.registered_model, champion, Path(tmp))
-        price = cfg.promote_price if cfg.promote_price is not None else Router.load(champ_bundle).lam
+        champ_router = Router.load(champ_bundle)
+        price = cfg.promote_price if cfg.promote_price is not None else champ_router.lam
         report["price"] = price
-        champ = own_figures(Router.load(champ_bundle).manifest, params)
+        # export wrote the candidate's digest into its manifest: the labels it was evaluated on
+        candidate_digest = (artifacts.read_json(candidate_bundle / "manifest.json").get("training") or {}).get(
+            "data_digest")
+        champ = own_figures(champ_router.manifest, candidate_digest)
         if champ is None:
             ds, rows, texts = evaluated_queries(params, ev)
             champ = realized(champ_bundle, ds, rows, texts)
+            queries = len(rows)
         else:
-            rows = np.arange(int(ev.get("evaluated_queries") or 0))
+            queries = int(ev.get("evaluated_queries") or 0)
         held = compare(metric, value(metric, ev, price), value(metric, champ, price), cfg.promote_margin)
-        held.update(queries=int(len(rows)), cv_folds=ev.get("cv_folds"),
+        held.update(queries=int(queries), cv_folds=ev.get("cv_folds"),
                     candidate_figures={**{k: ev.get(k) for k in FIGURES}, "source": params.evaluate.metrics},
                     champion_figures=champ)
         report["checks"]["held_out"] = held

@@ -71,7 +71,7 @@ def train(params: Params, run=NULL_RUN) -> dict[str, Any]:
         log.warning("%s", w)
     artifacts.save_model(cfg.out_dir, fit.success, fit.cost, {
         "schema": 1, "tiers": ds.tiers, "feature_names": ds.feature_names,
-        "featurizer": artifacts.read_features(params.featurize.out)[1].to_dict(), "chosen": fit.chosen, "cost_model": fit.cost_model,
+        "featurizer": artifacts.read_features_spec(params.featurize.out).to_dict(), "chosen": fit.chosen, "cost_model": fit.cost_model,
         "calibrated": fit.calibrated, "lambda": fit.lam, "lambda_solved_by": rep["lambda_solved_by"],
         "train_queries": int(len(rows)), "evaluation_folds": folds,
     })

@@ -119,6 +119,7 @@ def execute_adaptive(tier, tiers, backend, question, *, execution, seed: int | N
     ``backend`` and ``execution`` may be mappings by model for a cascade over several models.
     """
     from router.adaptive import agreed, unsure, vote_until_steps
+    from router.execution import prompt_seed
     from router.generation import RolloutError
 
     def of(x, model):
@@ -136,7 +137,7 @@ def execute_adaptive(tier, tiers, backend, question, *, execution, seed: int | N
     for j, (model, budget, k) in enumerate(stages):
         ex = of(execution, model)
         prompt = ex.prompt(question, system_extra)
-        base = prompt_seed_of(prompt) if seed is None else int(seed)
+        base = prompt_seed(prompt) if seed is None else int(seed)
         # vote_until draws only the new samples of this step; a cascade stage reruns its first k
         first = drawn_before if tier.kind == "vote_until" else 0
         request = ex.request(prompt, budget, k - first, base + first)
@@ -178,12 +179,6 @@ def execute_adaptive(tier, tiers, backend, question, *, execution, seed: int | N
     out.update(tokens=tokens, latency_tokens=latency, recomputed_tokens=recomputed, seed=base,
                adaptive={"tier": tier.name, "kind": tier.kind, "steps": steps})
     return out
-
-
-def prompt_seed_of(prompt: str) -> int:
-    from router.execution import prompt_seed
-
-    return prompt_seed(prompt)
 
 
 def _vote(samples: list[dict]) -> dict[str, Any]:

@@ -35,7 +35,6 @@ class ModelEncoder(Encoder):
 
         if not model or not model.get("path"):
             raise ValueError("a model-state featurizer needs the model's path (featurizer spec `model.path`)")
-        self.settings = dict(model)
         self.execution = ModelExecution(template=str(model.get("template", "raw")),
                                         system_prompt=str(model.get("system_prompt", "")))
         self.max_tokens = int(max_tokens)

