@@ -111,13 +111,25 @@ def post_json(srv, path: str, body: dict) -> tuple[int, dict, dict]:
         conn.close()
 
 
-def proxy_traffic(router, texts, log: Path, **config) -> list[tuple[int, dict, dict]]:
+def proxy_traffic(router, texts, log: Path, seed: int = 0, **config) -> list[tuple[int, dict, dict]]:
     """Send each text as a chat request through a proxy fronting a scripted upstream
-    (``tests.fakes.FakeOpenAIServer``) that logs to ``log``; the answers, in order."""
+    (``tests.fakes.FakeOpenAIServer``) that logs to ``log``; the answers, in order.
+
+    Request ids come from a generator seeded with ``seed`` instead of ``uuid4``: exploration
+    draws from the request id, so with random ids the explored tiers (and every figure fitted
+    on them) would change from run to run, and a test's margin would hold on one machine and
+    not on the next."""
+    import random
+    import types
+    import uuid
+    from unittest import mock
+
     from router.proxy import ProxyConfig
     from tests.fakes import FakeOpenAIServer
 
-    with FakeOpenAIServer() as fake:
+    rng = random.Random(seed)
+    ids = types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=rng.getrandbits(128), version=4))
+    with FakeOpenAIServer() as fake, mock.patch("router.proxy.uuid", ids):
         models = sorted({t.model for t in router.tiers})
         srv = start_proxy(router, ProxyConfig(upstreams={m: fake.url for m in models}, decision_log=str(log), **config))
         try:

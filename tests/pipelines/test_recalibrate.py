@@ -63,9 +63,14 @@ def test_the_recalibrated_bundle_verifies_loads_and_routes_lower(recalibrated):
     _, P1, C1 = new.predict(texts)
     np.testing.assert_allclose(C1, C0)  # only the success model changed
     names = [t.name for t in new.tiers]
-    for name in names:  # every tier gets a map: its own, or the pooled one
-        j = names.index(name)
-        assert P1[:, j].mean() < P0[:, j].mean() - 0.1, name
+    truth = np.clip(P0 - SHIFT, 0.0, 1.0)  # what the outcomes were drawn from
+    for j, name in enumerate(names):  # every tier gets a map: its own, or the pooled one
+        before, after = np.abs(P0[:, j] - truth[:, j]).mean(), np.abs(P1[:, j] - truth[:, j]).mean()
+        # a tier's own map is fitted on its outcomes; the pooled one is fitted on all tiers'
+        # and cannot follow the clipping at 0 on a tier whose predictions are low, so it only
+        # has to move the tier a good part of the way
+        assert after < before * (0.5 if rep["maps"][name] == "own" else 0.8), (name, before, after)
+        assert P1[:, j].mean() < P0[:, j].mean(), name
     decisions = new.route_batch(texts + [""])
     assert all(x.tier in names for x in decisions) and decisions[-1].reason == "fallback:empty-query"
     assert sum(x.reason.startswith("utility") for x in decisions) > 30
