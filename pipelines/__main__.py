@@ -1,8 +1,11 @@
-"""``python -m pipelines all --params FILE [--set KEY=VALUE ...]``: every stage in order, without DVC.
+"""``python -m pipelines all --params FILE [--set KEY=VALUE ...]``: the main stages in order
+(prepare ... export), without DVC.
 
 Stage runs are nested under one MLflow pipeline run. ``python -m pipelines STAGE`` runs one.
-``python -m pipelines TOOL ...`` runs a feedback-loop command with its own arguments
-(``feedback``, ``ope``, ``drift``, ``recalibrate``, ``promote``: see ``python -m pipelines TOOL --help``).
+``python -m pipelines TOOL ...`` runs a feedback-loop command with its own arguments (``feedback``,
+``drift``, ``recalibrate``, ``retrain``, ``ope``, ``promote``: see ``python -m pipelines TOOL --help``);
+the first five are also the DVC stages of the production loop, which ``all`` does not run (they
+read the inbox production/, see its README).
 """
 
 from __future__ import annotations

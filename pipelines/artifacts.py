@@ -419,3 +419,26 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def derived_bundle(src: str | Path, out: str | Path, manifest: dict[str, Any] | None = None,
+                   files: dict[str, str] | None = None) -> None:
+    """Write ``out`` as a copy of the bundle ``src`` (whole folder or nothing: built beside it,
+    then renamed). With ``manifest`` (the new manifest without ``files``) and ``files`` (name ->
+    text written into the copy), the copy is a new bundle whose manifest hashes every file;
+    without, it is the parent unchanged, byte for byte (a pass-through)."""
+    from router.bundle import write_manifest
+
+    src, out = Path(src), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if manifest is not None:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / "manifest.json").unlink()
+        write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("files", "schema_version")})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

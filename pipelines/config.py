@@ -330,8 +330,11 @@ class ExportConfig:
 class FeedbackConfig:
     """``python -m pipelines feedback``: decision logs joined with observed outcomes."""
 
-    decisions: tuple = ("logs/decisions.jsonl",)  # the proxy's default log (its rotated files too)
-    outcomes: str | None = None  # CSV or JSONL of request_id, correct in [0, 1]; the command line may give it
+    # the pipeline's inbox (production/README.md): every *.jsonl decision log in the folder; a log
+    # file names itself and its rotated files. An empty folder is no traffic yet, not an error
+    decisions: tuple = ("production/decisions",)
+    # CSV or JSONL of request_id, correct in [0, 1]: a file, or a folder of them (the inbox)
+    outcomes: str | None = "production/outcomes"
     out_dir: str = "data/production"  # feedback.parquet and feedback_report.json
 
 
@@ -344,6 +347,10 @@ class OpeConfig:
     seed: int = 0
     # propensities below this are clipped in IPS/DR weights (None: no clipping, unbiased but heavy-tailed)
     min_propensity: float | None = None
+    # bundles evaluated beside the served one when the command line names none (the DVC stage):
+    # name -> bundle folder; those that do not exist are skipped
+    candidates: dict = field(default_factory=lambda: {"recalibrated": "models/recalibrated",
+                                                      "retrained": "models/retrained"})
     out: str = "metrics/ope.json"
 
     def __post_init__(self):
@@ -370,6 +377,40 @@ class RecalibrateConfig:
     def __post_init__(self):
         if self.folds < 2:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """``python -m pipelines retrain``: the success model boosted on production outcomes mixed with
+    the labelled queries (``router.models.Corrected``), a new bundle."""
+
+    bundle: str = "models/router"
+    feedback: str | None = None  # None: <feedback.out_dir>/feedback.parquet
+    drift: str | None = None  # the drift report read by `when: drift` (None: drift.out)
+    out_dir: str = "models/retrained"
+    report: str = "metrics/retrain.json"
+    when: str = "drift"  # drift: only when the drift report flags drift | always
+    # production outcomes needed; below it the bundle passes through unchanged
+    min_rows: int = 50
+    folds: int = 5  # cross-fitting over the production rows for the before/after Brier
+    # weight of one production outcome against one labelled (query, tier) row: production rows are
+    # single 0/1 draws, labelled rows are p_correct over several samples, so 1 leans toward the labels
+    production_weight: float = 1.0
+    # a small, strongly regularized booster: it corrects the shipped model, it does not replace it
+    rounds: int = 100
+    learning_rate: float = 0.05
+    num_leaves: int = 7
+    min_data_in_leaf: int = 20
+    lambda_l2: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.when not in ("drift", "always"):
+            raise ValueError(f"when must be drift or always, got {self.when!r}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if self.production_weight <= 0:
+            raise ValueError(f"production_weight must be > 0, got {self.production_weight}")
 
 
 @dataclass(frozen=True)
@@ -415,6 +456,7 @@ class Params:
     feedback: FeedbackConfig = FeedbackConfig()
     ope: OpeConfig = OpeConfig()
     recalibrate: RecalibrateConfig = RecalibrateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     drift: DriftConfig = DriftConfig()
 
     def model(self, name: str) -> ModelConfig:
@@ -451,7 +493,7 @@ SECTIONS = {
     "mlflow": MlflowConfig, "data": DataConfig, "prepare": PrepareConfig, "rollout": RolloutConfig,
     "label": LabelConfig, "featurize": FeaturizeConfig, "train": TrainConfig, "policy": PolicyConfig,
     "evaluate": EvaluateConfig, "export": ExportConfig, "feedback": FeedbackConfig, "ope": OpeConfig,
-    "drift": DriftConfig, "recalibrate": RecalibrateConfig,
+    "drift": DriftConfig, "recalibrate": RecalibrateConfig, "retrain": RetrainConfig,
 }
 TOP_KEYS = ("seed", "models", "tiers", *SECTIONS)
 # sections older params files may carry that no stage reads any more: refused with this advice

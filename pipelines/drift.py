@@ -108,8 +108,8 @@ def drift_report(train, production_features, feedback, router, cfg: DriftConfig)
     names = router.featurizer.feature_names if router is not None else None
     if names is None and train is not None:
         names = [c for c in train.columns if c != "query_id"]
-    if production_features is None and feedback is not None and router is not None and "text" in feedback \
-            and feedback["text"].notna().all():
+    if production_features is None and feedback is not None and len(feedback) and router is not None \
+            and "text" in feedback and feedback["text"].notna().all():
         X = router.featurizer.transform(list(feedback["text"]))
         import pandas as pd
 
@@ -123,7 +123,7 @@ def drift_report(train, production_features, feedback, router, cfg: DriftConfig)
         report["note"] = f"{n_prod} production rows < drift.min_rows {cfg.min_rows}: nothing is flagged"
 
     # features
-    if train is not None and production_features is not None:
+    if train is not None and production_features is not None and len(production_features):
         shared = [c for c in names if c in train.columns and c in production_features.columns]
         feats = compare_columns({c: train[c].to_numpy() for c in shared},
                                 {c: production_features[c].to_numpy() for c in shared}, cfg)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("feedback",)
 MAX_LISTED = 1000  # issues listed per kind in the report (counted in full)
 TABLE = "feedback.parquet"
+OUTCOME_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
 REPORT = "feedback_report.json"
 # the decision-log fields copied as they are (README, "Decision log")
 COPIED = ("request_id", "time", "ts", "endpoint", "requested_model", "status", "chosen", "executed", "reason",
@@ -64,14 +65,22 @@ class Issues:
         return sum(self.counts.values())
 
 
+def _by_age(files: Iterable[Path]) -> list[Path]:
+    return sorted(files, key=lambda f: (f.stat().st_mtime_ns, f.name))
+
+
 def decision_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Every file of the given logs (rotated ones first), each once; a missing log is an error."""
+    """Every file of the given logs (rotated ones first), each once; a missing log is an error.
+    A folder (the pipeline's inbox, ``production/decisions``) stands for every ``*.jsonl`` in it,
+    oldest first, and may be empty: no traffic yet."""
     from router.decision_log import log_files
 
     out: list[Path] = []
     seen: set[Path] = set()
     for p in paths:
-        files = log_files(p)
+        files = _by_age(Path(p).glob("*.jsonl")) if Path(p).is_dir() else log_files(p)
+        if not files and Path(p).is_dir():
+            continue
         if not files:
             raise FileNotFoundError(f"decision log {p}: no such file (nor rotated files beside it)")
         for f in files:
@@ -128,7 +137,7 @@ def _outcome_rows(path: Path, issues: Issues) -> Iterator[tuple[int, dict]]:
                 yield start, row
                 start = reader.line_num + 1
         return
-    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+    if path.suffix.lower() not in OUTCOME_SUFFIXES:
         raise ValueError(f"{path}: outcomes must be .csv or .jsonl")
     for n, line in _lines(path):
         try:
@@ -142,10 +151,27 @@ def _outcome_rows(path: Path, issues: Issues) -> Iterator[tuple[int, dict]]:
         yield n, obj
 
 
-def read_outcomes(path: str | Path, known: set[str], issues: Issues) -> dict[str, dict[str, Any]]:
-    """request id -> {correct, source, outcome_line} for valid rows naming a logged request."""
+def outcome_files(path: str | Path) -> list[Path]:
+    """The outcome file, or every outcome file of a folder (the pipeline's inbox,
+    ``production/outcomes``: ``*.csv``, ``*.jsonl``, ``*.ndjson``) by name; missing is an error."""
     path = Path(path)
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in OUTCOME_SUFFIXES)
+    if not path.exists():
+        raise FileNotFoundError(f"outcomes {path}: no such file or folder")
+    return [path]
+
+
+def read_outcomes(paths: str | Path | Iterable[str | Path], known: set[str], issues: Issues) -> dict[str, dict[str, Any]]:
+    """request id -> {correct, source, outcome_file, outcome_line} for valid rows naming a logged
+    request, over one file or several (a request id in two files is a duplicate too)."""
     out: dict[str, dict[str, Any]] = {}
+    for path in [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]:
+        _read_outcome_file(path, known, issues, out)
+    return out
+
+
+def _read_outcome_file(path: Path, known: set[str], issues: Issues, out: dict[str, dict[str, Any]]) -> None:
     for n, row in _outcome_rows(path, issues):
         where = {"file": str(path), "line": n}
         rid = row.get("request_id")
@@ -171,13 +197,12 @@ def read_outcomes(path: str | Path, known: set[str], issues: Issues) -> dict[str
             issues.add("outcome_unknown_request_id", **where, request_id=rid)
             continue
         if rid in out:
-            issues.add("outcome_duplicate", **where, request_id=rid, first_line=out[rid]["outcome_line"],
-                       same_value=out[rid]["correct"] == value)
+            issues.add("outcome_duplicate", **where, request_id=rid, first_file=out[rid]["outcome_file"],
+                       first_line=out[rid]["outcome_line"], same_value=out[rid]["correct"] == value)
             continue
         source = row.get("source")
         out[rid] = {"correct": value, "outcome_source": None if source in (None, "") else str(source),
-                    "outcome_line": n}
-    return out
+                    "outcome_file": str(path), "outcome_line": n}
 
 
 def feedback_table(decisions: list[dict[str, Any]], outcomes: dict[str, dict[str, Any]]):
@@ -194,12 +219,12 @@ def feedback_table(decisions: list[dict[str, Any]], outcomes: dict[str, dict[str
                    allowed=json.dumps(rec.get("allowed") or []), caps=json.dumps(rec.get("caps") or {}),
                    log_file=rec["log_file"], log_line=rec["log_line"])
         o = outcomes.get(rec["request_id"])
-        row.update(correct=math.nan if o is None else o["correct"], outcome_source=None if o is None else o["outcome_source"],
-                   outcome_line=None if o is None else o["outcome_line"])
+        row.update(correct=math.nan if o is None else o["correct"],
+                   **{k: None if o is None else o[k] for k in ("outcome_source", "outcome_file", "outcome_line")})
         rows.append(row)
     df = pd.DataFrame(rows, columns=[*COPIED, "bundle_id", "bundle_sha256", "upstream_status", "latency_ms",
                                      "allowed", "caps", "log_file", "log_line", "correct", "outcome_source",
-                                     "outcome_line"])
+                                     "outcome_file", "outcome_line"])
     for c in ("propensity", "p_correct", "expected_cost", "expected_latency_ms", "lambda", "tokens", "observed_cost",
               "latency_tokens", "latency_ms", "correct", "ts", "explore"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
@@ -207,7 +232,8 @@ def feedback_table(decisions: list[dict[str, Any]], outcomes: dict[str, dict[str
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     df["explored"] = df["explored"].fillna(False).astype(bool)  # logs from before exploration existed
     for c in ("request_id", "time", "endpoint", "requested_model", "chosen", "executed", "reason", "greedy",
-              "features_sha256", "text", "bundle_id", "bundle_sha256", "upstream_status", "outcome_source"):
+              "features_sha256", "text", "bundle_id", "bundle_sha256", "upstream_status", "outcome_source",
+              "outcome_file"):
         df[c] = df[c].astype("string")
     return df
 
@@ -216,9 +242,13 @@ def join_feedback(decision_paths: Iterable[str | Path], outcomes_path: str | Pat
     """The feedback table and its report (pure: reads, writes nothing)."""
     issues = Issues()
     files = decision_files(decision_paths)
+    if not files:
+        log.warning("no decision log in %s: the feedback table is empty (no production traffic yet)",
+                    ", ".join(map(str, decision_paths)))
     decisions = read_decisions(files, issues)
     known = {r["request_id"] for r in decisions}
-    outcomes = read_outcomes(outcomes_path, known, issues) if outcomes_path is not None else {}
+    outcome_paths = outcome_files(outcomes_path) if outcomes_path is not None else []
+    outcomes = read_outcomes(outcome_paths, known, issues)
     df = feedback_table(decisions, outcomes)
     has = df["correct"].notna()
     by_tier = {}
@@ -228,7 +258,7 @@ def join_feedback(decision_paths: Iterable[str | Path], outcomes_path: str | Pat
                               "accuracy": float(g.loc[h, "correct"].mean()) if h.any() else None,
                               "predicted_p_correct": float(g["p_correct"].mean()) if g["p_correct"].notna().any() else None}
     report = {
-        "decision_files": [str(f) for f in files], "outcomes_file": None if outcomes_path is None else str(outcomes_path),
+        "decision_files": [str(f) for f in files], "outcome_files": [str(f) for f in outcome_paths],
         "requests": int(len(df)), "with_outcome": int(has.sum()), "without_outcome": int((~has).sum()),
         "explored": int(df["explored"].sum()), "bundles": sorted(str(b) for b in df["bundle_id"].dropna().unique()),
         "accuracy": float(df.loc[has, "correct"].mean()) if has.any() else None,

@@ -13,7 +13,7 @@ alias ``export.alias`` (``champion``) moves to it only if it beats the current c
   figures (manifest ``metrics``) are used instead: routing it there would score it in sample. On
   other data the champion may have been trained on some of the queries, so the comparison leans
   toward keeping it: a conservative gate.
-- **off-policy** (when production feedback exists, ``pipelines.ope``): both bundles routed on the
+- **off-policy** (when production feedback exists, ``pipelines.off_policy``): both bundles routed on the
   logged text at their operating points, their accuracy and cost estimated from the logged outcomes
   (``export.promote_estimator``, DR by default); the candidate's utility (accuracy - price * cost)
   must be >= the champion's + ``export.promote_ope_margin``. Fewer usable logged requests than
@@ -199,8 +199,8 @@ def feedback_path(params: Params) -> Path:
 
 
 def off_policy(params: Params, candidate: Path, champion: Path, price: float) -> dict[str, Any]:
-    """Both bundles' off-policy value on the logged traffic (``pipelines.ope``), or why not."""
-    from pipelines.ope import candidate_probabilities, estimate, logged_arrays
+    """Both bundles' off-policy value on the logged traffic (``pipelines.off_policy``), or why not."""
+    from pipelines.off_policy import candidate_probabilities, estimate, logged_arrays
 
     cfg, ocfg = params.export, params.ope
     path = feedback_path(params)

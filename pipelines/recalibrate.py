@@ -18,14 +18,17 @@ The report's before/after Brier and ECE are cross-fitted over the feedback rows
 
 Exploration matters: a tier's outcomes come mostly from the requests the policy sends it, plus the
 explored ones; the map is fitted on that mix, so it calibrates p *given the production traffic the
-tier sees*. Not a DVC stage: production feedback arrives outside the pipeline's data flow, and the
-operating point (lambda) is kept, not re-solved.
+tier sees*. The operating point (lambda) is kept, not re-solved.
+
+A DVC stage (``recalibrate`` in dvc.yaml, after ``feedback``): ``models/recalibrated`` is always a
+servable bundle. The maps are applied only when there are ``min_rows`` outcomes and the cross-fitted
+Brier falls; otherwise the output is the parent bundle unchanged and the report says why
+(``applied: false``, ``why``).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -102,24 +105,12 @@ def crossfit(tier, p, y, k: int, min_rows: int, folds: int, seed: int) -> np.nda
     return out
 
 
-def recalibrated_bundle(src: Path, out: Path, manifest: dict[str, Any], a, b, section: dict[str, Any]) -> None:
-    """Copy the bundle with its success model wrapped in the per-tier maps (whole folder or nothing)."""
-    from router.bundle import write_manifest
-
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    (tmp / "manifest.json").unlink()
-    new = {k: v for k, v in manifest.items() if k not in ("files", "schema_version")}
-    new.update(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               success={"kind": "calibrated", "a": [float(x) for x in a], "b": [float(x) for x in b],
+def recalibrated_manifest(manifest: dict[str, Any], a, b, section: dict[str, Any]) -> dict[str, Any]:
+    """The parent's manifest with its success model wrapped in the per-tier maps."""
+    return {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "success": {"kind": "calibrated", "a": [float(x) for x in a], "b": [float(x) for x in b],
                         "base": manifest["success"]},
-               recalibration=section)
-    write_manifest(tmp, new)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+            "recalibration": section}
 
 
 def recalibrate(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, out=None, report=None) -> dict:
@@ -134,9 +125,12 @@ def recalibrate(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, o
     names = [t.name for t in router.tiers]
     pairs = outcome_pairs(router, artifacts.read_feedback(path))
     tier, p, y = pairs["tier"], pairs["p"], pairs["y"]
-    if len(p) < max(cfg.min_rows, cfg.folds):
-        raise ValueError(f"{path}: {len(p)} requests with an outcome on their own tier; recalibration needs at "
-                         f"least {max(cfg.min_rows, cfg.folds)}")
+    report = Path(report or cfg.report)
+    need = max(cfg.min_rows, cfg.folds)
+    if len(p) < need:
+        return passed_through(bundle, out, report, run, rows=len(p), excluded=pairs["excluded"],
+                              why=f"{len(p)} requests with an outcome on their own tier in {path}; recalibration "
+                                  f"needs at least {need} (recalibrate.min_rows)")
     k = len(names)
     oof = crossfit(tier, p, y, k, cfg.min_rows, cfg.folds, cfg.seed)
     a, b, kind = fit_maps(tier, p, y, k, cfg.min_rows)
@@ -155,13 +149,34 @@ def recalibrate(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, o
     section = {"parent_sha256": router.bundle_sha256, "feedback": str(path), "rows": int(len(p)),
                "prediction_source": pairs["source"], "min_rows": cfg.min_rows,
                "maps": dict(zip(names, kind))}
-    recalibrated_bundle(bundle, out, router.manifest, a, b, section)
-    result = {"bundle": str(bundle), "out": str(out), **section, "excluded": pairs["excluded"], "folds": cfg.folds,
+    # applied only if the cross-fitted maps help: on traffic that is already calibrated the maps fit
+    # noise, and serving them would be a change with no evidence for it
+    applied = brier1 < brier0
+    if applied:
+        artifacts.derived_bundle(bundle, out, recalibrated_manifest(router.manifest, a, b, section))
+    else:
+        log.warning("recalibration does not lower the cross-fitted Brier (%.4f -> %.4f): %s is the bundle unchanged",
+                    brier0, brier1, out)
+        artifacts.derived_bundle(bundle, out)
+    result = {"bundle": str(bundle), "out": str(out), "applied": applied,
+              "why": None if applied else f"cross-fitted Brier {brier0:.4f} -> {brier1:.4f}: no gain",
+              **section, "excluded": pairs["excluded"], "folds": cfg.folds,
               "brier_before": brier0, "brier_after": brier1, "ece_before": ece0, "ece_after": ece1,
               "per_tier": per_tier}
-    report = Path(report or cfg.report)
     artifacts.write_json(report, result)
     run.log_metrics({k: result[k] for k in ("rows", "brier_before", "brier_after", "ece_before", "ece_after")})
+    run.log_artifact(report)
+    return {**result, "report": str(report)}
+
+
+def passed_through(bundle: Path, out: Path, report: Path, run, **section) -> dict:
+    """Too little evidence: ``out`` is the bundle unchanged, and the report says why (the DVC stage
+    always leaves a servable bundle at its output)."""
+    log.warning("%s: %s is the bundle unchanged", section["why"], out)
+    artifacts.derived_bundle(bundle, out)
+    result = {"bundle": str(bundle), "out": str(out), "applied": False, **section}
+    artifacts.write_json(report, result)
+    run.log_metrics({"applied": 0, "rows": section["rows"]})
     run.log_artifact(report)
     return {**result, "report": str(report)}
 
@@ -179,7 +194,7 @@ def main(argv=None) -> dict:
     return run_stage("recalibrate", lambda params, run: recalibrate(params, run, args.bundle, args.feedback, args.out,
                                                                     args.report),
                      description=description, sections=SECTIONS, args=args,
-                     summary=("rows", "out", "brier_before", "brier_after", "ece_before", "ece_after"))
+                     summary=("applied", "rows", "out", "brier_before", "brier_after", "ece_before", "ece_after"))
 
 
 if __name__ == "__main__":

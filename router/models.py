@@ -337,6 +337,32 @@ class Calibrated(Predictor):
         return cls(load_predictor(d, meta["base"]), meta["a"], meta["b"])
 
 
+class Corrected(Predictor):
+    """A success model boosted further on production outcomes (``pipelines.retrain``): one
+    LightGBM model over [query features, one-hot tier] whose raw score is added to the base
+    model's logit, ``sigmoid(logit(p) + f(x, tier))``. It was fitted with the base logits as
+    its initial scores, so where production taught it nothing it leaves p as it was."""
+
+    kind = "corrected"
+
+    def __init__(self, base: Predictor, booster, tiers: int):
+        self.base, self.booster, self.tiers = base, booster, int(tiers)
+
+    def predict(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        raw = self.booster.predict(joint_rows(X, np.eye(self.tiers)), raw_score=True, num_threads=1)
+        return sigmoid(logit(self.base.predict(X)) + raw.reshape(len(X), self.tiers))
+
+    def save(self, d, prefix):
+        f = f"{prefix}correction_lgbm.txt"
+        (d / f).write_text(self.booster.model_to_string())
+        return {"kind": self.kind, "file": f, "tiers": self.tiers, "base": self.base.save(d, prefix)}
+
+    @classmethod
+    def load(cls, d, meta):
+        return cls(load_predictor(d, meta["base"]), _booster((d / meta["file"]).read_text()), meta["tiers"])
+
+
 class Clipped(Predictor):
     """Clip predictions into [lo, hi] (probabilities into [0, 1], costs to >= 0)."""
 
@@ -357,7 +383,7 @@ class Clipped(Predictor):
 
 
 KINDS = {c.kind: c for c in (Constant, Linear, Knn, PerTierLgbm, JointLgbm, GainLgbm, Sufficient, Blend, Projected,
-                             Calibrated, Clipped)}
+                             Calibrated, Corrected, Clipped)}
 
 
 def load_predictor(d: str | Path, meta: dict) -> Predictor:

@@ -120,7 +120,8 @@ def files_of(mods_: set[str], root: Path = REPO) -> set[str]:
 # what each stage's dvc.yaml cmd runs
 STAGE_ENTRY = {"prepare": "pipelines.prepare", "rollout": "pipelines.rollout.__main__", "label": "pipelines.label",
                "featurize": "pipelines.featurize", "train": "pipelines.train", "evaluate": "pipelines.evaluate",
-               "export": "pipelines.export"}
+               "export": "pipelines.export", "feedback": "pipelines.feedback", "drift": "pipelines.drift",
+               "recalibrate": "pipelines.recalibrate", "retrain": "pipelines.retrain", "ope": "pipelines.ope"}
 
 
 def stage_code(stage: str, root: Path = REPO) -> list[str]:

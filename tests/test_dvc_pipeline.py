@@ -16,8 +16,20 @@ import yaml
 
 from tests.pipelines.test_train import outcome_table
 
+from pipelines import DVC_STAGES, LOOP_STAGES, STAGES
+
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "rollout", "label", "featurize", "train", "evaluate", "export")
+
+
+def copy_project(d: Path) -> None:
+    """The code, dvc.yaml and the production inbox as a fresh clone has them (git-tracked files only)."""
+    for name in ("pipelines", "router"):
+        shutil.copytree(REPO / name, d / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", d / "dvc.yaml")
+    tracked = subprocess.run(["git", "ls-files", "production"], cwd=REPO, capture_output=True, text=True, check=True)
+    for f in tracked.stdout.split():
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / f, d / f)
 
 
 def dvc(*args, cwd: Path, env: dict) -> str:
@@ -30,9 +42,7 @@ def dvc(*args, cwd: Path, env: dict) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     d = tmp_path_factory.mktemp("project")
-    for name in ("pipelines", "router"):
-        shutil.copytree(REPO / name, d / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", d / "dvc.yaml")
+    copy_project(d)
     outcome_table(d / "table.csv", n=120)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["outcomes"] = "table.csv"
@@ -53,7 +63,7 @@ def project(tmp_path_factory):
 
 def test_every_stage_ran_and_metrics_show(project):
     d, env, first = project
-    for s in STAGES:
+    for s in DVC_STAGES:
         assert f"Running stage '{s}'" in first, s
     shown = dvc("metrics", "show", "--json", cwd=d, env=env)
     for key in ("compute_saved_at_iso_accuracy", "apgr", "cpt50", "cv_brier", "apgr_vs_logreg", "naive_tokens"):
@@ -138,14 +148,54 @@ def test_experiments_run_side_by_side_and_diff(project, tmp_path):
     assert {r.data.params.get("policy.target") for r in evals} == {"best_fixed_accuracy", "cost"}
 
 
+def test_production_data_in_the_inbox_reruns_only_the_loop(project, tmp_path):
+    """With an empty inbox the loop stages ran on no traffic and passed the bundle through; decision
+    logs and outcomes dropped into production/ make `dvc repro` run the loop stages only, on them."""
+    d, env, _ = project
+    work = Path(shutil.copytree(d, tmp_path / "loop", symlinks=True))
+    env2 = {**env, "PYTHONPATH": str(work), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    empty = {s: json.loads((work / "metrics" / f"{s}.json").read_text())
+             for s in ("drift", "recalibrate", "retrain", "ope")}
+    assert empty["ope"]["rows"] == 0
+    assert empty["drift"]["production_rows"] == 0 and not empty["drift"]["drift"]
+    assert not empty["recalibrate"]["applied"] and not empty["retrain"]["applied"]
+    from router import Router
+
+    router = Router.load(work / "models" / "router")
+    assert Router.load(work / "models" / "recalibrated").bundle_sha256 == router.bundle_sha256
+    # the log records as the proxy writes them (README, "Decision log"), routed by the exported bundle
+    texts = [f"What is {a} + {b}?" for a, b in zip(range(1, 81), range(7, 800, 10))]
+    records, outcomes = [], []
+    for i, (text, dec) in enumerate(zip(texts, router.route_batch(texts))):
+        rid = f"req{i:03d}"
+        records.append({"v": 1, "request_id": rid, "ts": 1e9 + i, "status": 200, "chosen": dec.tier,
+                        "executed": dec.tier, "reason": dec.reason, "explored": False, "explore": 0.0,
+                        "greedy": dec.tier, "propensity": 1.0, "p_correct": dec.p_correct,
+                        "expected_cost": dec.expected_cost, "observed_cost": dec.expected_cost, "text": text,
+                        "bundle": {"id": router.manifest.get("name"), "sha256": router.bundle_sha256}})
+        outcomes.append(f"{rid},{int(i % 3 == 0)}")
+    (work / "production" / "decisions" / "decisions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (work / "production" / "outcomes" / "day1.csv").write_text("request_id,correct\n" + "\n".join(outcomes) + "\n")
+    again = dvc("repro", cwd=work, env=env2)
+    ran = {s for s in DVC_STAGES if f"Running stage '{s}'" in again}
+    assert ran == set(LOOP_STAGES), again[-2000:]
+    report = json.loads((work / "data" / "production" / "feedback_report.json").read_text())
+    assert report["requests"] == 80 and report["with_outcome"] == 80 and report["issues_total"] == 0
+    assert json.loads((work / "metrics" / "drift.json").read_text())["production_rows"] == 80
+    recal = json.loads((work / "metrics" / "recalibrate.json").read_text())
+    assert recal["rows"] == 80 and recal["brier_before"] is not None
+    ope = json.loads((work / "metrics" / "ope.json").read_text())
+    assert ope["rows"] == 80 and {"logged", "greedy", "recalibrated", "retrained"} <= set(ope["policies"])
+    Router.load(work / "models" / "recalibrated").route("What is 2 + 2?")
+    Router.load(work / "models" / "retrained").route("What is 2 + 2?")
+
+
 @pytest.fixture(scope="module")
 def rollout_project(tmp_path_factory):
     """The CPU default's stages on a few real SmolLM2 rollouts (llama.cpp), small enough for CI."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pipeline extra)")
     d = tmp_path_factory.mktemp("rollout-project")
-    for name in ("pipelines", "router"):
-        shutil.copytree(REPO / name, d / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", d / "dvc.yaml")
+    copy_project(d)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["sources"] = [{"kind": "reasoning_gym", "tasks": [
         {"name": "chain_sum", "size": 24, "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}]}]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import STAGES
+from pipelines import DVC_STAGES
 from tests.code_graph import REPO, STAGE_ENTRY, cycles, graph, stage_code
 
 
@@ -26,8 +26,8 @@ def test_router_never_imports_pipelines():
 
 def test_a_stage_never_imports_another_stage():
     g = graph(registry_strings=False)
-    stage_modules = {f"pipelines.{s}" for s in STAGES}
-    for s in STAGES:
+    stage_modules = {f"pipelines.{s}" for s in DVC_STAGES}
+    for s in DVC_STAGES:
         own = {m for m in g if m == f"pipelines.{s}" or m.startswith(f"pipelines.{s}.")}
         for m in own:
             others = {t for t in g[m] if any(t == o or t.startswith(o + ".") for o in stage_modules - {f"pipelines.{s}"})}
@@ -38,9 +38,9 @@ def _dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", DVC_STAGES)
 def test_dvc_yaml_lists_every_code_file_the_stage_runs(stage):
-    assert set(STAGE_ENTRY) == set(STAGES)
+    assert set(STAGE_ENTRY) == set(DVC_STAGES)
     deps = set(_dvc_stages()[stage]["deps"])
     needed = set(stage_code(stage))
     assert needed - deps == set(), f"dvc.yaml stage {stage} misses code deps"

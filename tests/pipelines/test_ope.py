@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipelines.__main__ import main as pipelines_main
-from pipelines.ope import estimate
+from pipelines.off_policy import estimate
 from router import Router
 from router.policy import choose_batch, explore_choice, explore_probabilities
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries

@@ -40,7 +40,7 @@ def recalibrated(tmp_path_factory):
 
 def test_out_of_sample_brier_and_ece_fall(recalibrated):
     _, _, rep = recalibrated
-    assert rep["rows"] == 400 and rep["prediction_source"] == "logged"
+    assert rep["rows"] == 400 and rep["prediction_source"] == "logged" and rep["applied"] is True
     own = [n for n, k in rep["maps"].items() if k == "own"]
     assert own and set(rep["maps"].values()) <= {"own", "pooled"}
     assert rep["brier_after"] < rep["brier_before"] - 0.03, rep
@@ -76,11 +76,28 @@ def test_the_recalibrated_bundle_verifies_loads_and_routes_lower(recalibrated):
     assert sum(x.reason.startswith("utility") for x in decisions) > 30
 
 
-def test_too_few_outcomes_is_an_error(recalibrated, tmp_path):
+def test_too_few_outcomes_pass_the_bundle_through_unchanged(recalibrated, tmp_path):
     bundle, d, _ = recalibrated
     df = pd.read_parquet(d / "production" / "feedback.parquet")
     df.loc[df.index[10:], "correct"] = np.nan
     df.to_parquet(tmp_path / "few.parquet")
-    with pytest.raises(ValueError, match="10 requests with an outcome"):
-        pipelines_main(["recalibrate", "--bundle", str(bundle), "--feedback", str(tmp_path / "few.parquet"),
-                        "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *COMMON])
+    pipelines_main(["recalibrate", "--bundle", str(bundle), "--feedback", str(tmp_path / "few.parquet"),
+                    "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *COMMON])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["applied"] is False and rep["rows"] == 10 and "needs at least 30" in rep["why"]
+    assert Router.load(tmp_path / "out").bundle_sha256 == Router.load(bundle).bundle_sha256
+
+
+def test_calibrated_traffic_is_not_recalibrated(recalibrated, tmp_path):
+    """Outcomes drawn from the bundle's own predictions: the maps would fit noise, so the
+    cross-fitted Brier does not fall and the bundle passes through."""
+    bundle, d, _ = recalibrated
+    df = pd.read_parquet(d / "production" / "feedback.parquet")
+    rng = np.random.default_rng(3)
+    df["correct"] = (rng.random(len(df)) < df["p_correct"].to_numpy()).astype(float)
+    df.to_parquet(tmp_path / "calibrated.parquet")
+    pipelines_main(["recalibrate", "--bundle", str(bundle), "--feedback", str(tmp_path / "calibrated.parquet"),
+                    "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *COMMON])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["applied"] is False and rep["brier_after"] >= rep["brier_before"], rep
+    assert Router.load(tmp_path / "out").bundle_sha256 == Router.load(bundle).bundle_sha256

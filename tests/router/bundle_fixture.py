@@ -74,17 +74,30 @@ def synthetic_queries(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(digits, dtype=np.float64)
 
 
+def tier_truth(digits: np.ndarray, tiers=TIERS, logit_shift=0.0) -> np.ndarray:
+    """The true p_correct of each tier on queries of the given digit counts, (queries, tiers);
+    ``logit_shift`` (broadcast to that shape) moves the single-answer logits, to simulate an
+    upstream that got better or worse on some queries."""
+    digits = np.asarray(digits, dtype=np.float64)
+    shift = np.broadcast_to(np.asarray(logit_shift, dtype=np.float64), (len(digits), len(tiers)))
+    out = np.empty((len(digits), len(tiers)))
+    for t, (_, _, _, k, _, a, s) in enumerate(tiers):
+        p = 1 / (1 + np.exp(-(a - s * digits + shift[:, t])))
+        if k > 1:  # majority of k: better when p > 1/2
+            p = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
+        out[:, t] = p
+    return out
+
+
 def synthetic_outcomes(digits: np.ndarray, seed: int = 0, tiers=TIERS) -> tuple[np.ndarray, np.ndarray]:
     """Soft p_correct (8 simulated samples per tier) and cost (tokens x price) per query."""
     rng = np.random.default_rng(seed)
     n = len(digits)
     Y = np.empty((n, len(tiers)))
     C = np.empty((n, len(tiers)))
-    for t, (_, _, budget, k, price, a, s) in enumerate(tiers):
-        p = 1 / (1 + np.exp(-(a - s * digits)))
-        if k > 1:  # majority of k: better when p > 1/2
-            p = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
-        Y[:, t] = rng.binomial(8, p) / 8
+    truth = tier_truth(digits, tiers)
+    for t, (_, _, budget, k, price, _, _) in enumerate(tiers):
+        Y[:, t] = rng.binomial(8, truth[:, t]) / 8
         tokens = 4 + np.minimum(budget, 10 + 25 * digits + rng.normal(0, 6, n).clip(-12, 12))
         C[:, t] = np.maximum(tokens, 1) * k * price
     return Y, C
