@@ -166,11 +166,13 @@ def test_production_data_in_the_inbox_reruns_only_the_loop(project, tmp_path):
     # the log records as the proxy writes them (README, "Decision log"), routed by the exported bundle
     texts = [f"What is {a} + {b}?" for a, b in zip(range(1, 81), range(7, 800, 10))]
     records, outcomes = [], []
-    for i, (text, dec) in enumerate(zip(texts, router.route_batch(texts))):
-        rid = f"req{i:03d}"
+    names = [t.name for t in router.tiers]
+    for i, (text, routed) in enumerate(zip(texts, router.route_detailed(texts))):
+        rid, dec = f"req{i:03d}", routed.decision
         records.append({"v": 1, "request_id": rid, "ts": 1e9 + i, "status": 200, "chosen": dec.tier,
                         "executed": dec.tier, "reason": dec.reason, "explored": False, "explore": 0.0,
-                        "greedy": dec.tier, "propensity": 1.0, "p_correct": dec.p_correct,
+                        "greedy": dec.tier, "propensity": 1.0, "p_correct": dec.p_correct, "lambda": routed.lam,
+                        "allowed": [{**u, "tier": names[u["tier"]]} for u in routed.utilities()],
                         "expected_cost": dec.expected_cost, "observed_cost": dec.expected_cost, "text": text,
                         "bundle": {"id": router.manifest.get("name"), "sha256": router.bundle_sha256}})
         outcomes.append(f"{rid},{int(i % 3 == 0)}")
