@@ -35,6 +35,14 @@ def test_psi_is_zero_for_the_same_sample_and_grows_with_the_shift():
     assert psi(np.zeros(100), np.zeros(50)) == pytest.approx(0.0)
 
 
+def write_features(router, texts, path, ids=None) -> None:
+    """The features table of ``texts`` (ids ``ids``, default q0, q1, ...) made with the bundle's
+    featurizer, as the featurize stage writes it."""
+    df = pd.DataFrame(router.featurizer.transform(list(texts)), columns=router.featurizer.feature_names)
+    df.insert(0, "query_id", list(ids) if ids is not None else [f"q{i}" for i in range(len(texts))])
+    artifacts.write_features(df, router.featurizer.spec, path)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Training features of the bundle's query mix; two production windows through the proxy:
@@ -42,11 +50,7 @@ def setup(tmp_path_factory):
     bundle = session_proxy_bundle(tmp_path_factory)
     router = Router.load(bundle.path)
     d = tmp_path_factory.mktemp("drift")
-    texts, _ = synthetic_queries(600, seed=0)
-    X = router.featurizer.transform(texts)
-    df = pd.DataFrame(X, columns=router.featurizer.feature_names)
-    df.insert(0, "query_id", [f"q{i}" for i in range(len(texts))])
-    artifacts.write_features(df, router.featurizer.spec, d / "features.parquet")
+    write_features(router, synthetic_queries(600, seed=0)[0], d / "features.parquet")  # the training mix
     windows = {}
     for name, seed, keep in (("same", 21, None), ("hard", 22, (6, 7))):
         texts, digits = synthetic_queries(1400, seed=seed)

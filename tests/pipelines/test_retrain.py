@@ -20,7 +20,7 @@ from pipelines import artifacts
 from pipelines.__main__ import main as pipelines_main
 from router import Router
 from router.bundle import read_manifest
-from tests.router.bundle_fixture import PROXY_TIERS, session_proxy_bundle, synthetic_queries, tier_truth
+from tests.router.bundle_fixture import PROXY_TIERS, session_proxy_bundle, synthetic_queries, true_p_correct
 from tests.upstreams import proxy_traffic
 
 COMMON = ["--set", "mlflow.enabled=false"]
@@ -29,7 +29,7 @@ SHIFT = 3.0  # logits of the small model's tiers on 5-7 digit queries, in produc
 
 def shifted_truth(digits: np.ndarray) -> np.ndarray:
     logit_shift = np.where(digits[:, None] >= 5, -SHIFT, 0.0) * np.array([t[1] == "small" for t in PROXY_TIERS])
-    return tier_truth(digits, PROXY_TIERS, logit_shift)
+    return true_p_correct(digits, PROXY_TIERS, logit_shift)
 
 
 def write_labelled(built, d) -> list[str]:

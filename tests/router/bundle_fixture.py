@@ -74,30 +74,34 @@ def synthetic_queries(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray(digits, dtype=np.float64)
 
 
-def tier_truth(digits: np.ndarray, tiers=TIERS, logit_shift=0.0) -> np.ndarray:
-    """The true p_correct of each tier on queries of the given digit counts, (queries, tiers);
-    ``logit_shift`` (broadcast to that shape) moves the single-answer logits, to simulate an
-    upstream that got better or worse on some queries."""
+def true_p_correct(digits: np.ndarray, tiers=TIERS, logit_shift=None) -> np.ndarray:
+    """Each tier's true chance of a correct answer per query (n, tiers): a logistic in the digit
+    count, ``intercept - slope * digits``, plus ``logit_shift`` ((n, tiers) or broadcastable; None:
+    0) to simulate an upstream that got better or worse."""
     digits = np.asarray(digits, dtype=np.float64)
-    shift = np.broadcast_to(np.asarray(logit_shift, dtype=np.float64), (len(digits), len(tiers)))
-    out = np.empty((len(digits), len(tiers)))
+    P = np.empty((len(digits), len(tiers)))
     for t, (_, _, _, k, _, a, s) in enumerate(tiers):
-        p = 1 / (1 + np.exp(-(a - s * digits + shift[:, t])))
-        if k > 1:  # majority of k: better when p > 1/2
-            p = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
-        out[:, t] = p
-    return out
+        P[:, t] = a - s * digits
+    if logit_shift is not None:
+        P += logit_shift
+    P = 1 / (1 + np.exp(-P))
+    for t, row in enumerate(tiers):
+        if row[3] > 1:  # majority of k: better when p > 1/2
+            p = P[:, t]
+            P[:, t] = np.clip(p + 0.3 * (p - 0.5) * (1 - abs(2 * p - 1)), 0, 1)
+    return P
 
 
 def synthetic_outcomes(digits: np.ndarray, seed: int = 0, tiers=TIERS) -> tuple[np.ndarray, np.ndarray]:
-    """Soft p_correct (8 simulated samples per tier) and cost (tokens x price) per query."""
+    """Soft p_correct (8 simulated samples of ``true_p_correct`` per tier) and cost (tokens x price)
+    per query."""
     rng = np.random.default_rng(seed)
     n = len(digits)
     Y = np.empty((n, len(tiers)))
     C = np.empty((n, len(tiers)))
-    truth = tier_truth(digits, tiers)
+    P = true_p_correct(digits, tiers)
     for t, (_, _, budget, k, price, _, _) in enumerate(tiers):
-        Y[:, t] = rng.binomial(8, truth[:, t]) / 8
+        Y[:, t] = rng.binomial(8, P[:, t]) / 8
         tokens = 4 + np.minimum(budget, 10 + 25 * digits + rng.normal(0, 6, n).clip(-12, 12))
         C[:, t] = np.maximum(tokens, 1) * k * price
     return Y, C
@@ -239,13 +243,20 @@ def proxy_execution(tokens_per_second: float | None = 50.0):
                           tokens_per_second=tokens_per_second)
 
 
-def session_proxy_bundle(tmp_path_factory) -> BuiltBundle:
-    """One static-embedding (the fastest featurizer) proxy bundle per test session."""
-    if "proxy" not in _SESSION:
-        ex = proxy_execution()
-        _SESSION["proxy"] = build_bundle(tmp_path_factory.mktemp("proxy_bundle"), n_queries=60, static=True,
-                                         tiers=PROXY_TIERS, execution={"small": ex, "big": ex})
-    return _SESSION["proxy"]
+def build_proxy_bundle(tmp_dir: str | Path, n_queries: int = 60) -> BuiltBundle:
+    """A static-embedding (the fastest featurizer) bundle of the proxy tiers, both models executed
+    with SmolLM2's chat template."""
+    ex = proxy_execution()
+    return build_bundle(tmp_dir, n_queries=n_queries, static=True, tiers=PROXY_TIERS,
+                        execution={"small": ex, "big": ex})
+
+
+def session_proxy_bundle(tmp_path_factory, n_queries: int = 60) -> BuiltBundle:
+    """One ``build_proxy_bundle`` per test session (and size)."""
+    key = ("proxy", n_queries)
+    if key not in _SESSION:
+        _SESSION[key] = build_proxy_bundle(tmp_path_factory.mktemp("proxy_bundle"), n_queries)
+    return _SESSION[key]
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
