@@ -371,6 +371,60 @@ def model_features() -> str:
         f"(`bench/results/model_features.json`).\n"
 
 
+def _iv(x, v) -> str:
+    return f"{x:.3f} [{v[0]:.3f}, {v[1]:.3f}]"
+
+
+def feedback_loop_default() -> str:
+    rel = "bench/results/feedback_loop_default.json"
+    res = _load(rel)
+    if not res:
+        return _missing(rel, "run `python -m bench.feedback_loop_default`")
+    fam = res["families"]
+    hard = res["hardest"]
+    a = res["phase_a"]
+    out = [f"{res['requests_a']} requests of the training mix, then {res['requests_b']} with "
+           f"{_pct(res['hard_share'])} from the hardest family, `{hard.split(':')[-1]}` (mean accuracy "
+           f"{fam[hard]['mean_accuracy']:.3f} over its queries and tiers; {_pct(fam[hard]['training_share'])} "
+           f"of the labelled mix); exploration {res['explore']}; the cheap tiers' accuracy times "
+           f"{1 - res['drop']:g} in the concept scenarios.", "",
+           "| drift: first N requests | " + " | ".join(str(n) for n in res["windows"]) + " |",
+           "|---|" + "---|" * len(res["windows"])]
+
+    def cell(w):
+        if w is None:
+            return "n/a"
+        if w.get("note") and not w["drift"]:
+            return "below min_rows"
+        if not w["drift"]:
+            return f"nothing (PSI max {w['max_feature_psi']:.2f}, TV {w['tier_mix_tv']:.2f})"
+        kinds = [f.split(":")[0] for f in w["flags"]]
+        return ", ".join(kinds) + (f" ({w['features_flagged']} features)" if w["features_flagged"] else "")
+
+    out.append("| phase A (training mix) | " + " | ".join(cell(a["windows"].get(str(n))) for n in res["windows"]) + " |")
+    for name, sc in res["scenarios"].items():
+        out.append(f"| phase B, {name} | " + " | ".join(cell(sc["windows"].get(str(n))) for n in res["windows"])
+                   + " |")
+    out += ["", "| phase B | bundle | OPE DR [95% CI] | OPE SNIPS [95% CI] | ESS | true on the log | "
+                "replay accuracy [95% CI] | replay cost | target (best fixed tier) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, sc in res["scenarios"].items():
+        rp = sc["replay"]
+        for b in ("served", "recalibrated", "retrained"):
+            o, r, t = sc["ope"]["policies"][b], rp["bundles"][b], sc["truth_on_log"][b]
+            stage = {"served": None, "recalibrated": "recalibrate", "retrained": "retrain"}[b]
+            applied = "" if stage is None or sc[stage]["applied"] else " (not applied)"
+            out.append(f"| {name} | {b}{applied} | {_iv(o['dr'], o['dr_ci'])} | {_iv(o['snips'], o['snips_ci'])} | "
+                       f"{o['effective_sample_size']:.0f} | {t['accuracy']:.3f} | {_iv(r['accuracy'], r['accuracy_ci'])}"
+                       f" | {r['cost']:.1f} | {rp['best_fixed_accuracy']:.3f} at {rp['best_fixed_cost']:.1f} |")
+    n_held = next(iter(res["scenarios"].values()))["replay"]["queries"]
+    out += ["", f"OPE on each scenario's {res['requests_b']}-request phase-B log (ESS: effective sample size); "
+                f"\"true on the log\": the truth of the tier each bundle picks on those very requests; replay on "
+                f"the {n_held} held-out queries reweighted to phase B's family mix. {_meta(res)} "
+                f"(`{rel}`, wall time {_duration(res['meta'].get('wall_seconds'))})."]
+    return "\n".join(out) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "default-study": default_study,
     "model-features": model_features,
@@ -382,6 +436,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "route-latency": route_latency,
     "backends": backends,
     "proxy-overhead": proxy_overhead,
+    "feedback-loop-default": feedback_loop_default,
 }
 
 

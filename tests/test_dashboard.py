@@ -20,7 +20,7 @@ from router import Router
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import get_text, post_json, proxy_traffic, start_proxy
+from tests.traffic import get_text, post_json, proxy_traffic, start_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "deploy" / "grafana"

@@ -62,10 +62,9 @@ import pytest
 from pipelines import artifacts
 from pipelines.__main__ import main as pipelines_main
 from router import Router
-from tests.pipelines.test_drift import feedback_of, run_drift, write_features
 from tests.router.bundle_fixture import (PROXY_TIERS, session_proxy_bundle, synthetic_outcomes, synthetic_queries,
                                          true_p_correct)
-from tests.upstreams import proxy_traffic
+from tests.traffic import feedback_of, proxy_traffic, run_drift, write_features
 
 SEED = 0  # queries, request ids (so exploration) and outcome draws all follow from it
 SHIFT = 1.5  # logits of the small model's tiers lowered on 6-7 digit queries: the upstream got worse there

@@ -4,21 +4,15 @@ and accuracy per tier; a shift of the query mix toward the hardest queries is fl
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pandas as pd
 import pytest
 
-from pipelines import artifacts
-from pipelines.__main__ import main as pipelines_main
 from pipelines.config import DriftConfig
 from pipelines.drift import compare_columns, psi
 from router import Router
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import proxy_traffic
+from tests.traffic import feedback_of, proxy_traffic, run_drift, write_features
 
-COMMON = ["--set", "mlflow.enabled=false"]
 WINDOW = 200
 
 
@@ -33,14 +27,6 @@ def test_psi_is_zero_for_the_same_sample_and_grows_with_the_shift():
     assert flags["a"]["flag"] and not flags["b"]["flag"]
     # a constant feature (a lexical count that never fires) has one bin and no drift
     assert psi(np.zeros(100), np.zeros(50)) == pytest.approx(0.0)
-
-
-def write_features(router, texts, path, ids=None) -> None:
-    """The features table of ``texts`` (ids ``ids``, default q0, q1, ...) made with the bundle's
-    featurizer, as the featurize stage writes it."""
-    df = pd.DataFrame(router.featurizer.transform(list(texts)), columns=router.featurizer.feature_names)
-    df.insert(0, "query_id", list(ids) if ids is not None else [f"q{i}" for i in range(len(texts))])
-    artifacts.write_features(df, router.featurizer.spec, path)
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +44,6 @@ def setup(tmp_path_factory):
         answers = proxy_traffic(router, [texts[i] for i in pick], d / f"{name}.jsonl", log_text=True)
         windows[name] = [body["router"] for _, body, _ in answers]
     return bundle.path, d, windows
-
-
-def feedback_of(d, log, name, records, correct) -> str:
-    rows = pd.DataFrame({"request_id": [r["request_id"] for r in records], "correct": correct})
-    rows.to_csv(d / f"{name}.csv", index=False)
-    pipelines_main(["feedback", "--decisions", str(d / f"{log}.jsonl"), "--outcomes", str(d / f"{name}.csv"),
-                    "--out", str(d / name), *COMMON])
-    return str(d / name / "feedback.parquet")
-
-
-def run_drift(bundle, d, production, name, *extra) -> dict:
-    pipelines_main(["drift", "--train", str(d / "features.parquet"), "--production", production, "--bundle",
-                    str(bundle), "--out", str(d / f"{name}.json"), "--plot", str(d / f"{name}.png"), *extra, *COMMON])
-    return json.loads((d / f"{name}.json").read_text())
 
 
 def test_the_same_mix_with_calibrated_outcomes_is_not_flagged(setup):

@@ -18,7 +18,7 @@ from pipelines.config import ConfigError, parse_params
 from router import Router
 from router.decision_log import log_files, read_records
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import proxy_traffic
+from tests.traffic import proxy_traffic
 
 REPO = Path(__file__).resolve().parents[2]
 N = 40

@@ -15,7 +15,7 @@ from pipelines.off_policy import estimate
 from router import Router
 from router.policy import choose_batch, explore_choice, explore_probabilities
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import proxy_traffic
+from tests.traffic import proxy_traffic
 
 COST = np.array([1.0, 4.0, 16.0, 64.0])
 SLOPE = np.array([1.2, 0.9, 0.6, 0.3])  # the costlier the tier, the less accuracy falls with difficulty

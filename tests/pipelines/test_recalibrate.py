@@ -14,7 +14,7 @@ from pipelines.__main__ import main as pipelines_main
 from router import Router
 from router.bundle import read_manifest
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import proxy_traffic
+from tests.traffic import proxy_traffic
 
 COMMON = ["--set", "mlflow.enabled=false"]
 SHIFT = 0.3  # the truth is this far below what the bundle predicts

@@ -21,7 +21,7 @@ from pipelines.__main__ import main as pipelines_main
 from router import Router
 from router.bundle import read_manifest
 from tests.router.bundle_fixture import PROXY_TIERS, session_proxy_bundle, synthetic_queries, true_p_correct
-from tests.upstreams import proxy_traffic
+from tests.traffic import proxy_traffic
 
 COMMON = ["--set", "mlflow.enabled=false"]
 SHIFT = 3.0  # logits of the small model's tiers on 5-7 digit queries, in production

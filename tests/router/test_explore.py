@@ -15,7 +15,7 @@ from router.policy import explore_choice, explore_probabilities, explore_uniform
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import session_proxy_bundle, synthetic_queries
-from tests.upstreams import get_text, post_json, start_proxy
+from tests.traffic import get_text, post_json, start_proxy
 
 # ---------------------------------------------------------------- the rule
 

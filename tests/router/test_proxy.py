@@ -24,7 +24,8 @@ from router.executor import execute
 from router.proxy import ProxyConfig
 from router.upstream import OpenAIUpstream
 from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution, session_proxy_bundle
-from tests.upstreams import free_port, llama_server, needs_llama_server, start_proxy
+from tests.upstreams import free_port, llama_server, needs_llama_server
+from tests.traffic import start_proxy
 
 pytestmark = [pytest.mark.slow, needs_llama_server]
 openai = pytest.importorskip("openai")

@@ -14,7 +14,7 @@ from router.decision_log import read_records
 from router.proxy import ProxyConfig
 from tests.fakes import FakeOpenAIServer
 from tests.router.bundle_fixture import PROXY_TIERS, build_bundle, proxy_execution, session_proxy_bundle
-from tests.upstreams import start_proxy
+from tests.traffic import start_proxy
 
 MAX_BODY = 32 * 1024
 Q = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -29,7 +29,8 @@ from router.executor import execute  # noqa: E402
 from router.proxy import ProxyConfig  # noqa: E402
 from router.upstream import OpenAIUpstream  # noqa: E402
 from tests.router.bundle_fixture import session_proxy_bundle  # noqa: E402
-from tests.upstreams import free_port, start_proxy  # noqa: E402
+from tests.upstreams import free_port  # noqa: E402
+from tests.traffic import start_proxy  # noqa: E402
 
 QUESTION = "What is 17 + 25?"
 CHAT = [{"role": "user", "content": QUESTION}]

@@ -1,0 +1,108 @@
+"""Traffic through the routing proxy and the loop's commands on it, for tests and benchmarks (no
+pytest here: ``bench/`` imports it): the proxy on loopback fronting the scripted upstream, a
+features table made with a bundle's featurizer, ``pipelines feedback`` and ``pipelines drift``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines import artifacts
+from pipelines.__main__ import main as pipelines_main
+
+COMMON = ["--set", "mlflow.enabled=false"]
+
+
+def start_proxy(router, config):
+    """The routing proxy on a free loopback port, serving from a daemon thread (stop: ``drain``)."""
+    import threading
+
+    from router.proxy import make_proxy_server
+
+    srv = make_proxy_server(router, config, port=0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv
+
+
+def get_text(srv, path: str = "/metrics") -> str:
+    """GET ``path`` from a server started by ``start_proxy``: the body as text."""
+    import http.client
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def post_json(srv, path: str, body: dict) -> tuple[int, dict, dict]:
+    """POST ``body`` to a server started by ``start_proxy``: (status, JSON answer, headers)."""
+    import http.client
+    import json
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), dict(resp.headers)
+    finally:
+        conn.close()
+
+
+def proxy_traffic(router, texts, log: Path, seed: int = 0, **config) -> list[tuple[int, dict, dict]]:
+    """Send each text as a chat request through a proxy fronting a scripted upstream
+    (``tests.fakes.FakeOpenAIServer``) that logs to ``log``; the answers, in order.
+
+    Request ids come from a generator seeded with ``seed`` instead of ``uuid4``: exploration
+    draws from the request id, so with random ids the explored tiers (and every figure fitted
+    on them) would change from run to run, and a test's margin would hold on one machine and
+    not on the next."""
+    import random
+    import types
+    import uuid
+    from unittest import mock
+
+    from router.proxy import ProxyConfig
+    from tests.fakes import FakeOpenAIServer
+
+    rng = random.Random(seed)
+    ids = types.SimpleNamespace(uuid4=lambda: uuid.UUID(int=rng.getrandbits(128), version=4))
+    with FakeOpenAIServer() as fake, mock.patch("router.proxy.uuid", ids):
+        models = sorted({t.model for t in router.tiers})
+        srv = start_proxy(router, ProxyConfig(upstreams={m: fake.url for m in models}, decision_log=str(log), **config))
+        try:
+            return [post_json(srv, "/v1/chat/completions", {"model": "router", "messages": [{"role": "user",
+                                                                                            "content": t}]})
+                    for t in texts]
+        finally:
+            srv.drain(5)
+
+
+def write_features(router, texts, path, ids=None) -> None:
+    """The features table of ``texts`` (ids ``ids``, default q0, q1, ...) made with the bundle's
+    featurizer, as the featurize stage writes it."""
+    df = pd.DataFrame(router.featurizer.transform(list(texts)), columns=router.featurizer.feature_names)
+    df.insert(0, "query_id", list(ids) if ids is not None else [f"q{i}" for i in range(len(texts))])
+    artifacts.write_features(df, router.featurizer.spec, path)
+
+
+def feedback_of(d, log, name, records, correct) -> str:
+    """Outcomes `correct` of the logged `records` to `d/name.csv`, joined with the log `d/log.jsonl` by
+    ``pipelines feedback`` into `d/name/`: the feedback table's path."""
+    rows = pd.DataFrame({"request_id": [r["request_id"] for r in records], "correct": correct})
+    rows.to_csv(d / f"{name}.csv", index=False)
+    pipelines_main(["feedback", "--decisions", str(d / f"{log}.jsonl"), "--outcomes", str(d / f"{name}.csv"),
+                    "--out", str(d / name), *COMMON])
+    return str(d / name / "feedback.parquet")
+
+
+def run_drift(bundle, d, production, name, *extra) -> dict:
+    """``pipelines drift`` of `production` against the training features `d/features.parquet`: the report."""
+    pipelines_main(["drift", "--train", str(d / "features.parquet"), "--production", production, "--bundle",
+                    str(bundle), "--out", str(d / f"{name}.json"), "--plot", str(d / f"{name}.png"), *extra, *COMMON])
+    return json.loads((d / f"{name}.json").read_text())
