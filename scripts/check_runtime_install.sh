@@ -24,7 +24,9 @@ for name, embedding in (("contextual", "all-MiniLM-L6-v2"), ("static", "all-Mini
     outcome_table(d / "table.csv", n=60)
     raw = raw_params(d, d / "table.csv", evaluate={"metrics": str(d / "evaluate.json"), "plots_dir": str(d / "plots"),
                                                    "bootstrap": 20},
-                     export={"out_dir": str(d / "router"), "register": False})
+                     export={"out_dir": str(d / "router"), "register": False,
+                             "promotion_report": str(d / "promotion.json"),  # not the checkout's metrics/
+                             "promotion_audit": str(d / "promotions.jsonl")})
     raw["featurize"] = {"out": str(d / "features.parquet"), **({"embedding": embedding} if embedding else {})}
     raw["mlflow"] = {"tracking_uri": f"sqlite:///{d / 'mlflow.db'}"}
     (d / "params.yaml").write_text(yaml.safe_dump(raw))
