@@ -22,14 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def copy_project(d: Path) -> None:
-    """The code, dvc.yaml and the production inbox as a fresh clone has them (git-tracked files only)."""
+    """The code, dvc.yaml and the production inbox as a fresh clone has it (its README and the two
+    folders with their .gitignore; whatever traffic this checkout's inbox holds stays behind)."""
     for name in ("pipelines", "router"):
         shutil.copytree(REPO / name, d / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", d / "dvc.yaml")
-    tracked = subprocess.run(["git", "ls-files", "production"], cwd=REPO, capture_output=True, text=True, check=True)
-    for f in tracked.stdout.split():
-        (d / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / f, d / f)
+    skeleton = {"README.md", ".gitignore", "decisions", "outcomes"}
+    shutil.copytree(REPO / "production", d / "production", ignore=lambda _, names: [n for n in names if n not in skeleton])
 
 
 def dvc(*args, cwd: Path, env: dict) -> str:
