@@ -45,24 +45,26 @@ SECTIONS = ("recalibrate", "feedback")
 
 
 def outcome_pairs(router, df) -> dict[str, Any]:
-    """(tier index, predicted p, observed correct) per usable feedback row, and where p came from."""
+    """(tier index, predicted p, observed correct) per usable feedback row, and where p came from:
+    the logged p on rows this very bundle logged, else its prediction on the logged text. Rows that
+    another bundle logged without text (proxy without ``--log-text``) cannot be scored by this one:
+    left out and counted (``other_bundle_without_text``), so a new export does not stop the stage."""
     names = [t.name for t in router.tiers]
-    keep = df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)
-    rows = df[keep].reset_index(drop=True)
+    keep = (df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)).fillna(False)
+    rows = df[keep.to_numpy(dtype=bool)].reset_index(drop=True)
     excluded = {"no_outcome": int(df["correct"].isna().sum()),
                 "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum())}
+    own = ((rows["bundle_sha256"] == router.bundle_sha256) & rows["p_correct"].notna()).fillna(False).to_numpy(bool)
+    has_text = rows["text"].notna().to_numpy(dtype=bool) if "text" in rows else np.zeros(len(rows), dtype=bool)
+    usable = own | has_text
+    excluded["other_bundle_without_text"] = int((~usable).sum())
+    rows, own = rows[usable].reset_index(drop=True), own[usable]
     tier = rows["chosen"].map(names.index).to_numpy(dtype=np.int64)
-    same = "bundle_sha256" in rows and (rows["bundle_sha256"] == router.bundle_sha256).all()
-    if len(rows) and same and rows["p_correct"].notna().all():
-        p, source = rows["p_correct"].to_numpy(dtype=np.float64), "logged"
-    elif len(rows) and "text" in rows and rows["text"].notna().all():
-        _, P, _ = router.predict(list(rows["text"]))
-        p, source = P[np.arange(len(rows)), tier], "text"
-    elif len(rows):
-        raise ValueError("the feedback was logged by another bundle and has no text (proxy --log-text): "
-                         "this bundle's predictions cannot be recomputed")
-    else:
-        p, source = np.empty(0), None
+    p = np.where(own, rows["p_correct"].to_numpy(dtype=np.float64, na_value=np.nan), np.nan)
+    if (~own).any():
+        _, P, _ = router.predict(list(rows.loc[~own, "text"]))
+        p[~own] = P[np.arange(len(P)), tier[~own]]
+    source = None if not len(rows) else "logged" if own.all() else "text" if not own.any() else "logged+text"
     return {"tier": tier, "p": np.clip(p, 0.0, 1.0), "y": rows["correct"].to_numpy(dtype=np.float64),
             "source": source, "excluded": excluded}
 
@@ -164,7 +166,8 @@ def recalibrate(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, o
               "brier_before": brier0, "brier_after": brier1, "ece_before": ece0, "ece_after": ece1,
               "per_tier": per_tier}
     artifacts.write_json(report, result)
-    run.log_metrics({k: result[k] for k in ("rows", "brier_before", "brier_after", "ece_before", "ece_after")})
+    run.log_metrics({"applied": int(applied),
+                     **{k: result[k] for k in ("rows", "brier_before", "brier_after", "ece_before", "ece_after")}})
     run.log_artifact(report)
     return {**result, "report": str(report)}
 

@@ -11,7 +11,8 @@ can: a LightGBM model over [query features, one-hot tier] is boosted *from the b
 logits* (LightGBM's initial scores) on two kinds of rows mixed together:
 
 - production rows: one per logged request with an outcome, answered by the tier it chose (the
-  logged text featurized with the bundle's featurizer; the proxy must run with ``--log-text``),
+  logged text featurized with the bundle's featurizer: the proxy must run with ``--log-text``;
+  rows without text are left out and counted, ``excluded.no_text``),
   label ``correct``, weight ``retrain.production_weight``;
 - labelled rows: every (query, tier) of the pipeline's labelled table (``data/outcomes.parquet``
   with ``data/features.parquet``), label the realized p_correct, weight 1. They hold the model to
@@ -51,16 +52,17 @@ SECTIONS = ("retrain", "feedback", "label", "featurize", "drift")
 def production_rows(router, df) -> dict[str, Any]:
     """Features, tier index and outcome of each logged request answered by the tier it chose."""
     names = [t.name for t in router.tiers]
-    keep = df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)
-    rows = df[keep].reset_index(drop=True)
-    if len(rows) and not rows["text"].notna().all():
-        raise ValueError("retraining needs the logged text of each request (run the proxy with --log-text); "
-                         f"{int(rows['text'].isna().sum())} of {len(rows)} rows have none")
+    keep = (df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)).fillna(False)
+    rows = df[keep.to_numpy(dtype=bool)].reset_index(drop=True)
+    # the features are the logged text's (proxy --log-text); a row without it is left out, counted
+    has_text = rows["text"].notna().to_numpy(dtype=bool) if "text" in rows else np.zeros(len(rows), dtype=bool)
+    excluded = {"no_outcome": int(df["correct"].isna().sum()),
+                "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum()),
+                "no_text": int((~has_text).sum())}
+    rows = rows[has_text].reset_index(drop=True)
     X = router.featurizer.transform(list(rows["text"])) if len(rows) else np.empty((0, len(router.featurizer.feature_names)))
     return {"X": np.asarray(X, dtype=np.float64), "tier": rows["chosen"].map(names.index).to_numpy(dtype=np.int64),
-            "y": rows["correct"].to_numpy(dtype=np.float64),
-            "excluded": {"no_outcome": int(df["correct"].isna().sum()),
-                         "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum())}}
+            "y": rows["correct"].to_numpy(dtype=np.float64), "excluded": excluded}
 
 
 def labelled_rows(router, params: Params) -> dict[str, Any]:
@@ -130,8 +132,11 @@ def retrain(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, drift
     n = len(prod["y"])
     need = max(cfg.min_rows, cfg.folds)
     if n < need:
-        return unchanged(f"{n} production outcomes on their own tier; retraining needs at least {need} "
-                         "(retrain.min_rows)", drift=drifted, rows=n, excluded=prod["excluded"])
+        no_text = prod["excluded"]["no_text"]
+        return unchanged(f"{n} production outcomes on their own tier with logged text; retraining needs at least "
+                         f"{need} (retrain.min_rows)" + (f"; {no_text} more have no text (run the proxy with "
+                                                         "--log-text)" if no_text else ""),
+                         drift=drifted, rows=n, excluded=prod["excluded"])
     lab = labelled_rows(router, params)
     t0 = time.time()
 

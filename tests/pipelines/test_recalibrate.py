@@ -101,3 +101,19 @@ def test_calibrated_traffic_is_not_recalibrated(recalibrated, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["applied"] is False and rep["brier_after"] >= rep["brier_before"], rep
     assert Router.load(tmp_path / "out").bundle_sha256 == Router.load(bundle).bundle_sha256
+
+
+def test_rows_another_bundle_logged_without_text_are_left_out_and_counted(recalibrated, tmp_path):
+    """After a new export the log holds the old bundle's rows: those with text are rescored by the
+    bundle being recalibrated, those without are counted, not a crash."""
+    bundle, d, _ = recalibrated
+    df = pd.read_parquet(d / "production" / "feedback.parquet")
+    old = df.index[:150]
+    df.loc[old, "bundle_sha256"] = "0" * 64
+    df.loc[old[:100], "text"] = None
+    df.to_parquet(tmp_path / "mixed.parquet")
+    pipelines_main(["recalibrate", "--bundle", str(bundle), "--feedback", str(tmp_path / "mixed.parquet"),
+                    "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *COMMON])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["excluded"]["other_bundle_without_text"] == 100 and rep["rows"] == 300, rep
+    assert rep["prediction_source"] == "logged+text" and rep["applied"] is True

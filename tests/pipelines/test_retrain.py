@@ -116,12 +116,13 @@ def test_the_retrained_bundle_follows_the_shift_where_recalibration_cannot(loop)
     assert {x.tier for x in decisions} <= set(names) and decisions[-1].reason == "fallback:empty-query"
 
 
-def test_retraining_without_logged_text_is_a_clear_error(loop, tmp_path):
+def test_logs_without_text_pass_the_bundle_through_and_say_why(loop, tmp_path):
     built, d = loop
     df = pd.read_parquet(d / "production" / "feedback.parquet")
     df["text"] = None
     df.to_parquet(tmp_path / "no_text.parquet")
-    with pytest.raises(ValueError, match="--log-text"):
-        pipelines_main(["retrain", "--bundle", str(built.path), "--feedback", str(tmp_path / "no_text.parquet"),
-                        "--when", "always", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"),
-                        *COMMON])
+    pipelines_main(["retrain", "--bundle", str(built.path), "--feedback", str(tmp_path / "no_text.parquet"),
+                    "--when", "always", "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json"), *COMMON])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["applied"] is False and rep["excluded"]["no_text"] == 600 and "--log-text" in rep["why"], rep
+    assert Router.load(tmp_path / "out").bundle_sha256 == Router.load(built.path).bundle_sha256
