@@ -403,6 +403,15 @@ def read_feedback(path: str | Path):
     return pd.read_parquet(path)
 
 
+def answered_rows(df, tiers: list[str]):
+    """The feedback rows that pair a tier with its outcome (an outcome exists, the tier the policy
+    chose answered, a tier in ``tiers``), and how many of the others were left out, by reason."""
+    keep = (df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(tiers)).fillna(False)
+    excluded = {"no_outcome": int(df["correct"].isna().sum()),
+                "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum())}
+    return df[keep.to_numpy(dtype=bool)].reset_index(drop=True), excluded
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line to an append-only log (an audit trail): one ``write`` of the whole line
     on a file opened for appending, fsynced, so a crash leaves at most a torn last line."""
@@ -442,3 +451,12 @@ def derived_bundle(src: str | Path, out: str | Path, manifest: dict[str, Any] | 
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def passed_through(src: str | Path, out: str | Path, report: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """A loop stage with too little evidence: ``out`` is the bundle ``src`` unchanged, and the report
+    ``{bundle, out, applied: false, **fields}`` (``fields`` say why) is written and returned."""
+    derived_bundle(src, out)
+    result = {"bundle": str(src), "out": str(out), "applied": False, **fields}
+    write_json(report, result)
+    return result

@@ -42,6 +42,7 @@ from pipelines.tracking import NULL_RUN, run_stage, stage_arguments
 log = logging.getLogger(__name__)
 
 SECTIONS = ("recalibrate", "feedback")
+LOGGED = ("rows", "brier_before", "brier_after", "ece_before", "ece_after")  # to MLflow, where measured
 
 
 def outcome_pairs(router, df) -> dict[str, Any]:
@@ -50,10 +51,7 @@ def outcome_pairs(router, df) -> dict[str, Any]:
     another bundle logged without text (proxy without ``--log-text``) cannot be scored by this one:
     left out and counted (``other_bundle_without_text``), so a new export does not stop the stage."""
     names = [t.name for t in router.tiers]
-    keep = (df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)).fillna(False)
-    rows = df[keep.to_numpy(dtype=bool)].reset_index(drop=True)
-    excluded = {"no_outcome": int(df["correct"].isna().sum()),
-                "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum())}
+    rows, excluded = artifacts.answered_rows(df, names)
     own = ((rows["bundle_sha256"] == router.bundle_sha256) & rows["p_correct"].notna()).fillna(False).to_numpy(bool)
     has_text = rows["text"].notna().to_numpy(dtype=bool) if "text" in rows else np.zeros(len(rows), dtype=bool)
     usable = own | has_text
@@ -151,35 +149,27 @@ def recalibrate(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, o
     section = {"parent_sha256": router.bundle_sha256, "feedback": str(path), "rows": int(len(p)),
                "prediction_source": pairs["source"], "min_rows": cfg.min_rows,
                "maps": dict(zip(names, kind))}
+    figures = {**section, "excluded": pairs["excluded"], "folds": cfg.folds, "brier_before": brier0,
+               "brier_after": brier1, "ece_before": ece0, "ece_after": ece1, "per_tier": per_tier}
     # applied only if the cross-fitted maps help: on traffic that is already calibrated the maps fit
     # noise, and serving them would be a change with no evidence for it
-    applied = brier1 < brier0
-    if applied:
-        artifacts.derived_bundle(bundle, out, recalibrated_manifest(router.manifest, a, b, section))
-    else:
-        log.warning("recalibration does not lower the cross-fitted Brier (%.4f -> %.4f): %s is the bundle unchanged",
-                    brier0, brier1, out)
-        artifacts.derived_bundle(bundle, out)
-    result = {"bundle": str(bundle), "out": str(out), "applied": applied,
-              "why": None if applied else f"cross-fitted Brier {brier0:.4f} -> {brier1:.4f}: no gain",
-              **section, "excluded": pairs["excluded"], "folds": cfg.folds,
-              "brier_before": brier0, "brier_after": brier1, "ece_before": ece0, "ece_after": ece1,
-              "per_tier": per_tier}
+    if not brier1 < brier0:
+        return passed_through(bundle, out, report, run, why=f"cross-fitted Brier {brier0:.4f} -> {brier1:.4f}: "
+                                                            "no gain", **figures)
+    artifacts.derived_bundle(bundle, out, recalibrated_manifest(router.manifest, a, b, section))
+    result = {"bundle": str(bundle), "out": str(out), "applied": True, "why": None, **figures}
     artifacts.write_json(report, result)
-    run.log_metrics({"applied": int(applied),
-                     **{k: result[k] for k in ("rows", "brier_before", "brier_after", "ece_before", "ece_after")}})
+    run.log_metrics({"applied": 1, **{k: result[k] for k in LOGGED}})
     run.log_artifact(report)
     return {**result, "report": str(report)}
 
 
-def passed_through(bundle: Path, out: Path, report: Path, run, **section) -> dict:
-    """Too little evidence: ``out`` is the bundle unchanged, and the report says why (the DVC stage
+def passed_through(bundle: Path, out: Path, report: Path, run, **fields) -> dict:
+    """No maps served: ``out`` is the bundle unchanged, and the report says why (the DVC stage
     always leaves a servable bundle at its output)."""
-    log.warning("%s: %s is the bundle unchanged", section["why"], out)
-    artifacts.derived_bundle(bundle, out)
-    result = {"bundle": str(bundle), "out": str(out), "applied": False, **section}
-    artifacts.write_json(report, result)
-    run.log_metrics({"applied": 0, "rows": section["rows"]})
+    log.warning("%s: %s is the bundle unchanged", fields["why"], out)
+    result = artifacts.passed_through(bundle, out, report, fields)
+    run.log_metrics({"applied": 0, **{k: result[k] for k in LOGGED if k in result}})
     run.log_artifact(report)
     return {**result, "report": str(report)}
 

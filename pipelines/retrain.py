@@ -50,19 +50,20 @@ SECTIONS = ("retrain", "feedback", "label", "featurize", "drift")
 
 
 def production_rows(router, df) -> dict[str, Any]:
-    """Features, tier index and outcome of each logged request answered by the tier it chose."""
+    """Features, tier index, outcome and the bundle's p of that tier (once: every fit starts from it)
+    of each logged request answered by the tier it chose."""
     names = [t.name for t in router.tiers]
-    keep = (df["correct"].notna() & (df["executed"] == df["chosen"]) & df["chosen"].isin(names)).fillna(False)
-    rows = df[keep.to_numpy(dtype=bool)].reset_index(drop=True)
+    rows, excluded = artifacts.answered_rows(df, names)
     # the features are the logged text's (proxy --log-text); a row without it is left out, counted
     has_text = rows["text"].notna().to_numpy(dtype=bool) if "text" in rows else np.zeros(len(rows), dtype=bool)
-    excluded = {"no_outcome": int(df["correct"].isna().sum()),
-                "executed_other_tier_or_unknown_tier": int((df["correct"].notna() & ~keep).sum()),
-                "no_text": int((~has_text).sum())}
+    excluded["no_text"] = int((~has_text).sum())
     rows = rows[has_text].reset_index(drop=True)
     X = router.featurizer.transform(list(rows["text"])) if len(rows) else np.empty((0, len(router.featurizer.feature_names)))
-    return {"X": np.asarray(X, dtype=np.float64), "tier": rows["chosen"].map(names.index).to_numpy(dtype=np.int64),
-            "y": rows["correct"].to_numpy(dtype=np.float64), "excluded": excluded}
+    X = np.asarray(X, dtype=np.float64)
+    tier = rows["chosen"].map(names.index).to_numpy(dtype=np.int64)
+    p = router.success.predict(X)[np.arange(len(X)), tier] if len(X) else np.empty(0)
+    return {"X": X, "tier": tier, "y": rows["correct"].to_numpy(dtype=np.float64), "p": np.clip(p, 0.0, 1.0),
+            "excluded": excluded}
 
 
 def labelled_rows(router, params: Params) -> dict[str, Any]:
@@ -76,20 +77,24 @@ def labelled_rows(router, params: Params) -> dict[str, Any]:
                          "trained on this featurize output")
     X = ds.X[:, [ds.feature_names.index(c) for c in want]].astype(np.float64)
     cols = [(j, names.index(t["name"])) for j, t in enumerate(ds.tiers) if t["name"] in names]
+    ks = [k for _, k in cols]
     n = len(X)
+    # the bundle's p on each query once (all tiers in one call), not once per repeated (query, tier) row
+    P = np.clip(router.success.predict(X), 0.0, 1.0) if n else np.empty((0, len(names)))
     return {"X": np.repeat(X, len(cols), axis=0) if cols else np.empty((0, X.shape[1])),
-            "tier": np.tile([k for _, k in cols], n).astype(np.int64),
-            "y": ds.Y[:, [j for j, _ in cols]].reshape(-1).astype(np.float64), "queries": n}
+            "tier": np.tile(ks, n).astype(np.int64),
+            "y": ds.Y[:, [j for j, _ in cols]].reshape(-1).astype(np.float64), "p": P[:, ks].reshape(-1),
+            "queries": n}
 
 
-def fit_correction(base, X, tier, y, w, k: int, cfg):
-    """LightGBM over [features, one-hot tier], boosted from the base model's logits."""
+def fit_correction(X, tier, y, w, p, k: int, cfg):
+    """LightGBM over [features, one-hot tier], boosted from the base model's logits ``logit(p)``."""
     import lightgbm as lgb
 
     from router.models import logit
 
     rows = np.concatenate([X, np.eye(k)[tier]], axis=1)  # as router.models.joint_rows builds them at run time
-    init = logit(np.clip(base.predict(X)[np.arange(len(X)), tier], 0.0, 1.0))
+    init = logit(p)
     params = {"objective": "cross_entropy", "verbosity": -1, "seed": cfg.seed, "deterministic": True,
               "force_col_wise": True, "num_threads": 1, "learning_rate": cfg.learning_rate,
               "num_leaves": cfg.num_leaves, "min_data_in_leaf": cfg.min_data_in_leaf, "lambda_l2": cfg.lambda_l2}
@@ -115,9 +120,7 @@ def retrain(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, drift
 
     def unchanged(why: str, **extra) -> dict:
         log.warning("%s: %s is the bundle unchanged", why, out)
-        artifacts.derived_bundle(bundle, out)
-        result = {**base, "applied": False, "why": why, **extra}
-        artifacts.write_json(report, result)
+        result = artifacts.passed_through(bundle, out, report, {**base, "why": why, **extra})
         run.log_metrics({"applied": 0})
         return {**result, "report": str(report)}
 
@@ -141,12 +144,11 @@ def retrain(params: Params, run=NULL_RUN, bundle=None, feedback_path=None, drift
     t0 = time.time()
 
     def fit(mask):
-        X = np.concatenate([prod["X"][mask], lab["X"]])
+        both = {c: np.concatenate([prod[c][mask], lab[c]]) for c in ("X", "tier", "y", "p")}
         w = np.concatenate([np.full(int(mask.sum()), cfg.production_weight), np.ones(len(lab["y"]))])
-        return fit_correction(router.success, X, np.concatenate([prod["tier"][mask], lab["tier"]]),
-                              np.concatenate([prod["y"][mask], lab["y"]]), w, k, cfg)
+        return fit_correction(both["X"], both["tier"], both["y"], w, both["p"], k, cfg)
 
-    p0 = np.clip(router.success.predict(prod["X"])[np.arange(n), prod["tier"]], 0.0, 1.0)
+    p0 = prod["p"]
     oof = np.empty(n)
     fold = fold_ids(n, cfg.folds, cfg.seed)
     for f in range(cfg.folds):
