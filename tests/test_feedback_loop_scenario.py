@@ -64,7 +64,7 @@ from pipelines.__main__ import main as pipelines_main
 from router import Router
 from tests.router.bundle_fixture import (PROXY_TIERS, session_proxy_bundle, synthetic_outcomes, synthetic_queries,
                                          true_p_correct)
-from tests.traffic import feedback_of, proxy_traffic, run_drift, write_features
+from tests.traffic import feedback_of, proxy_traffic, run_drift, write_features, write_labelled
 
 SEED = 0  # queries, request ids (so exploration) and outcome draws all follow from it
 SHIFT = 1.5  # logits of the small model's tiers lowered on 6-7 digit queries: the upstream got worse there
@@ -115,22 +115,8 @@ def serve(router, texts, digits, shift: float, d: Path, name: str, seed: int) ->
 def labelled_queries(router, texts, digits, d: Path, seed: int) -> dict:
     """Held-out queries labelled with the shifted truth, in the files the pipeline's stages write
     (queries, outcomes, tiers, features: all split "test"); the params sections that point at them."""
-    from pipelines.queries import Query
-
-    ids = [f"h{i:04d}" for i in range(len(texts))]
-    artifacts.write_queries([Query(q, t, "", "exact", "shifted-mix", "test") for q, t in zip(ids, texts)],
-                            d / "queries.parquet")
     Y, (_, Cost) = truth(digits, SHIFT), synthetic_outcomes(digits, seed, PROXY_TIERS)
-    rows = [{"query_id": q, "split": "test", "tier": t.name, "model": t.model, "budget": t.budget,
-             "samples": t.samples, "p_correct": Y[i, j], "cost_tokens": Cost[i, j] / t.cost_per_token,
-             "latency_tokens": np.nan, "cost": Cost[i, j]}
-            for i, q in enumerate(ids) for j, t in enumerate(router.tiers)]
-    artifacts.write_outcomes(pd.DataFrame(rows), d / "outcomes.parquet", splits_from="table")
-    artifacts.write_tiers([t.to_dict() for t in router.tiers], d / "tiers.json")
-    write_features(router, texts, d / "features.parquet", ids)
-    return {"prepare": {"out": str(d / "queries.parquet")},
-            "label": {"out": str(d / "outcomes.parquet"), "tiers_out": str(d / "tiers.json")},
-            "featurize": {"out": str(d / "features.parquet")}}
+    return write_labelled(router, texts, Y, Cost, d, [f"h{i:04d}" for i in range(len(texts))], source="shifted-mix")
 
 
 def run_scenario(d: Path, bundle: Path, seed: int = SEED) -> dict:

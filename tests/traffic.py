@@ -91,6 +91,29 @@ def write_features(router, texts, path, ids=None) -> None:
     artifacts.write_features(df, router.featurizer.spec, path)
 
 
+def write_labelled(router, texts, Y, Cost, d: Path, ids, split="test", source: str = "synthetic") -> dict:
+    """Labelled queries in the files the pipeline's stages write (queries, outcomes, tiers, features
+    in ``d``): per (query, tier) of ``router`` the p_correct ``Y`` and cost ``Cost`` ((queries, tiers));
+    ``split`` one name or one per query. Returns the params sections that point at them."""
+    import numpy as np
+
+    from pipelines.queries import Query
+
+    splits = [split] * len(texts) if isinstance(split, str) else [str(x) for x in split]
+    artifacts.write_queries([Query(q, t, "", "exact", source, sp) for q, t, sp in zip(ids, texts, splits)],
+                            d / "queries.parquet")
+    rows = [{"query_id": q, "split": splits[i], "tier": t.name, "model": t.model, "budget": t.budget,
+             "samples": t.samples, "p_correct": Y[i, j], "cost_tokens": Cost[i, j] / t.cost_per_token,
+             "latency_tokens": np.nan, "cost": Cost[i, j]}
+            for i, q in enumerate(ids) for j, t in enumerate(router.tiers)]
+    artifacts.write_outcomes(pd.DataFrame(rows), d / "outcomes.parquet", splits_from="table")
+    artifacts.write_tiers([t.to_dict() for t in router.tiers], d / "tiers.json")
+    write_features(router, texts, d / "features.parquet", ids)
+    return {"prepare": {"out": str(d / "queries.parquet")},
+            "label": {"out": str(d / "outcomes.parquet"), "tiers_out": str(d / "tiers.json")},
+            "featurize": {"out": str(d / "features.parquet")}}
+
+
 def feedback_of(d, log, name, records, correct) -> str:
     """Outcomes `correct` of the logged `records` to `d/name.csv`, joined with the log `d/log.jsonl` by
     ``pipelines feedback`` into `d/name/`: the feedback table's path."""

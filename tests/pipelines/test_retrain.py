@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import artifacts
 from pipelines.__main__ import main as pipelines_main
 from router import Router
 from router.bundle import read_manifest
 from tests.router.bundle_fixture import PROXY_TIERS, session_proxy_bundle, synthetic_queries, true_p_correct
-from tests.traffic import proxy_traffic
+from tests.traffic import proxy_traffic, write_labelled
 
 COMMON = ["--set", "mlflow.enabled=false"]
 SHIFT = 3.0  # logits of the small model's tiers on 5-7 digit queries, in production
@@ -32,28 +31,19 @@ def shifted_truth(digits: np.ndarray) -> np.ndarray:
     return true_p_correct(digits, PROXY_TIERS, logit_shift)
 
 
-def write_labelled(built, d) -> list[str]:
+def labelled(built, d) -> list[str]:
     """The bundle's training queries as the pipeline's labelled table; the --set keys naming it."""
-    tiers = [{"name": n, "model": m, "budget": b, "samples": k, "cost_per_token": p} for n, m, b, k, p, _, _ in PROXY_TIERS]
-    qids = [f"q{i:04d}" for i in range(len(built.texts))]
-    rows = [{"query_id": q, "split": str(built.split[i]), "tier": t["name"], "model": t["model"], "budget": t["budget"],
-             "samples": t["samples"], "p_correct": float(built.Y[i, j]), "cost_tokens": float(built.Cost[i, j]),
-             "latency_tokens": float(built.Cost[i, j]), "cost": float(built.Cost[i, j])}
-            for i, q in enumerate(qids) for j, t in enumerate(tiers)]
-    artifacts.write_outcomes(pd.DataFrame(rows), d / "outcomes.parquet")
-    artifacts.write_tiers(tiers, d / "tiers.json")
-    feats = pd.DataFrame(built.X, columns=built.featurizer.feature_names)
-    feats.insert(0, "query_id", qids)
-    artifacts.write_features(feats, built.featurizer.spec, d / "features.parquet")
-    return ["--set", f"label.out={d / 'outcomes.parquet'}", "--set", f"label.tiers_out={d / 'tiers.json'}",
-            "--set", f"featurize.out={d / 'features.parquet'}"]
+    sections = write_labelled(Router.load(built.path), built.texts, built.Y, built.Cost, d,
+                              [f"q{i:04d}" for i in range(len(built.texts))], split=built.split)
+    return ["--set", f"label.out={sections['label']['out']}", "--set", f"label.tiers_out={sections['label']['tiers_out']}",
+            "--set", f"featurize.out={sections['featurize']['out']}"]
 
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     built = session_proxy_bundle(tmp_path_factory)
     d = tmp_path_factory.mktemp("retrain")
-    labelled = write_labelled(built, d)
+    label_args = labelled(built, d)
     texts, digits = synthetic_queries(600, seed=41)
     answers = proxy_traffic(Router.load(built.path), texts, d / "decisions.jsonl", explore=0.2, log_text=True)
     names = [t[0] for t in PROXY_TIERS]
@@ -68,9 +58,9 @@ def loop(tmp_path_factory):
     (d / "no_drift.json").write_text(json.dumps({"drift": False}))
     fb = ["--bundle", str(built.path), "--feedback", str(d / "production" / "feedback.parquet")]
     pipelines_main(["retrain", *fb, "--drift", str(d / "no_drift.json"), "--out", str(d / "kept"),
-                    "--report", str(d / "kept.json"), *COMMON, *labelled])
+                    "--report", str(d / "kept.json"), *COMMON, *label_args])
     pipelines_main(["retrain", *fb, "--when", "always", "--out", str(d / "retrained"),
-                    "--report", str(d / "retrain.json"), *COMMON, *labelled])
+                    "--report", str(d / "retrain.json"), *COMMON, *label_args])
     pipelines_main(["recalibrate", *fb, "--out", str(d / "recalibrated"), "--report", str(d / "recalibrate.json"),
                     *COMMON])
     return built, d
