@@ -418,7 +418,8 @@ def feedback_loop_default() -> str:
                        f"{o['effective_sample_size']:.0f} | {t['accuracy']:.3f} | {_iv(r['accuracy'], r['accuracy_ci'])}"
                        f" | {r['cost']:.1f} | {rp['best_fixed_accuracy']:.3f} at {rp['best_fixed_cost']:.1f} |")
     n_held = next(iter(res["scenarios"].values()))["replay"]["queries"]
-    out += ["", f"OPE on each scenario's {res['requests_b']}-request phase-B log (ESS: effective sample size); "
+    out += ["", f"OPE on each scenario's {res['requests_b']}-request phase-B log (ESS: effective sample size; "
+                "the recalibrated and retrained bundles were fitted on that same log, so theirs is in sample); "
                 f"\"true on the log\": the truth of the tier each bundle picks on those very requests; replay on "
                 f"the {n_held} held-out queries reweighted to phase B's family mix. {_meta(res)} "
                 f"(`{rel}`, wall time {_duration(res['meta'].get('wall_seconds'))})."]
